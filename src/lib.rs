@@ -1,0 +1,10 @@
+//! BOS, the Batch Orchestrator Service.
+//!
+//! `core` is the pure domain; every other module is an adapter that depends on it, never the other way round.
+
+pub mod api;
+pub mod clients;
+pub mod core;
+pub mod events;
+pub mod notify;
+pub mod store;
