@@ -7,4 +7,5 @@ pub mod clients;
 pub mod core;
 pub mod events;
 pub mod notify;
+pub mod proto;
 pub mod store;
