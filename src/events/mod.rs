@@ -1,1 +1,2 @@
 //! events adapter.
+pub mod broker;
