@@ -2,8 +2,27 @@
 //! decisions that drive orchestration. No I/O and no adapter crate types live here; adapters implement `ports`.
 
 pub mod effect;
+pub mod graph;
 pub mod ids;
+pub mod initiators;
 pub mod input;
+pub mod machine;
 pub mod model;
+pub mod orchestrator;
 pub mod ports;
+pub mod registration;
 pub mod rejection;
+pub mod run;
+
+pub use machine::{decide, Decision};
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod machine_table_tests;
+#[cfg(test)]
+mod scenario_tests;
+#[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
+mod orchestrator_tests;

@@ -238,7 +238,9 @@ pub struct Essay {
 }
 
 /// The latest result of one phase for one essay: which attempt produced it and the output text it left
-/// (defect 8: retries and later pipelines start from here, not from the original text).
+/// (defect 8: retries and later pipelines start from here, not from the original text). Written with
+/// `succeeded = false` when the essay is sent to the phase and overwritten by the outcome, so the results of the
+/// current attempt are exactly the phase's input, and an essay the outcome never mentions counts as failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EssayPhaseResult {
     pub essay_id: EssayId,
@@ -255,7 +257,9 @@ pub struct PhaseExecution {
     pub phase: PhaseName,
     pub status: PhaseStatus,
     pub attempt: Attempt,
-    /// Phases of the same run this one waits for (phases done in earlier runs are not listed).
+    /// ALL of the phase's direct graph dependencies, including ones done in earlier runs (those count as
+    /// satisfied). A dependency that is also in this run must end COMPLETED_SUCCESSFULLY or
+    /// COMPLETED_WITH_PARTIAL_SUCCESS before this phase is dispatched; essays are selected by their results in all.
     pub depends_on: Vec<PhaseName>,
     pub essays_total: u32,
     pub essays_succeeded: u32,
