@@ -95,6 +95,9 @@ pub(crate) fn request_pipeline(
         }
         check_retryable(agg, requested)?;
     }
+    if agg.runs.iter().any(|r| r.id == *run_id) {
+        return Err(invalid("run_id", format!("run {run_id} already exists")));
+    }
     let done = agg.done_phases();
     let mut phases: Vec<PhaseExecution> = Vec::new();
     for resolved_phase in &resolved.phases {
@@ -452,8 +455,9 @@ fn dispatch(
     Ok(())
 }
 
-/// Real counts (defect 6): of the essays the run sent anywhere, those whose latest result for the requested phase
-/// succeeded. A run that sent nothing because everything was done counts the batch's ready essays.
+/// Real counts (defect 6): of the essays the run sent anywhere, those the requested phase reported processed in this
+/// run. A run that had nothing to do because everything was done counts the batch's ready essays by their latest
+/// result for the requested phase.
 fn run_counts(agg: &BatchAggregate, ri: usize) -> (u32, u32) {
     let run = &agg.runs[ri];
     let mut input: BTreeSet<EssayId> = agg
@@ -472,7 +476,10 @@ fn run_counts(agg: &BatchAggregate, ri: usize) -> (u32, u32) {
     }
     let ok = input
         .iter()
-        .filter(|id| succeeded(agg, **id, run.requested_pipeline))
+        .filter(|id| {
+            latest_result(agg, **id, run.requested_pipeline)
+                .is_some_and(|r| r.succeeded && (run.phases.is_empty() || r.run_id == run.id))
+        })
         .count();
     let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     (to_u32(ok), to_u32(input.len() - ok))
