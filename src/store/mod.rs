@@ -1,1 +1,197 @@
-//! store adapter.
+//! The persistence adapter: SeaORM on PostgreSQL or SQLite behind the core's `BatchRepository` port.
+//!
+//! One unit of work is one transaction (ARCHITECTURE §2): inbox row → read with versions → `decide` →
+//! compare-and-set on the batch row (always, so every change of a batch is serialised by it) and on changed phase
+//! rows → child rows → outbox rows → commit. The relay reads the outbox through `outbox`.
+
+pub mod entities;
+pub mod faults;
+mod inbox;
+pub mod mapping;
+pub mod outbox;
+mod queries;
+mod repository;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::sqlite::SqliteJournalMode;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
+use tokio::sync::{Mutex, MutexGuard};
+
+pub use faults::{FaultPlan, FaultPoint, InjectedFault};
+pub use outbox::{
+    EffectEncoder, EncodeError, FailureOutcome, OutboxMessage, OutboxPolicy, OutboxRow,
+    OutboxStats, PruneReport,
+};
+
+use crate::core::ports::RepositoryError;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported database url '{0}': expected postgres:// or sqlite://")]
+    UnsupportedUrl(String),
+    #[error(transparent)]
+    Fault(#[from] InjectedFault),
+}
+
+impl From<mapping::MappingError> for StoreError {
+    fn from(e: mapping::MappingError) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+impl From<StoreError> for RepositoryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt(m) => RepositoryError::Corrupt(m),
+            other => RepositoryError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Tunables of the store; the defaults are what production uses.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Compare-and-set attempts per unit of work before `RepositoryError::Conflict`.
+    pub max_cas_attempts: u32,
+    /// Base of the jittered back-off between attempts (doubled per attempt).
+    pub cas_backoff: Duration,
+    pub outbox: OutboxPolicy,
+    /// Connections in the pool (PostgreSQL; SQLite uses fewer, see `connect`).
+    pub max_connections: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_cas_attempts: 8,
+            cas_backoff: Duration::from_millis(2),
+            outbox: OutboxPolicy::default(),
+            max_connections: 16,
+        }
+    }
+}
+
+/// The repository. Cheap to clone: every clone shares the pool, the encoder and the fault plan.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    encoder: Option<Arc<dyn EffectEncoder>>,
+    faults: Arc<FaultPlan>,
+    /// SQLite allows one writer; taking this lock before a write transaction turns "database is locked" errors
+    /// into a wait. `None` on PostgreSQL, where row locks and compare-and-set do the job.
+    sqlite_writer: Option<Arc<Mutex<()>>>,
+    config: StoreConfig,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects one pool to `postgres://…` or `sqlite://…` (`sqlite::memory:` for a private in-memory database).
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Self::connect_with(url, StoreConfig::default()).await
+    }
+
+    pub async fn connect_with(url: &str, config: StoreConfig) -> Result<Store, StoreError> {
+        let mut options = ConnectOptions::new(url.to_owned());
+        options
+            .sqlx_logging(false)
+            .acquire_timeout(Duration::from_secs(30));
+        let is_sqlite = url.starts_with("sqlite:");
+        if is_sqlite {
+            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            // An in-memory database exists per connection, so it must have exactly one.
+            options
+                .max_connections(if in_memory { 1 } else { 4 })
+                .min_connections(1);
+            options.map_sqlx_sqlite_opts(move |o| {
+                let o = o
+                    .create_if_missing(true)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(30));
+                if in_memory {
+                    o
+                } else {
+                    o.journal_mode(SqliteJournalMode::Wal)
+                }
+            });
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            options.max_connections(config.max_connections);
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
+        let db = Database::connect(options).await?;
+        Ok(Store {
+            db,
+            encoder: None,
+            faults: Arc::new(FaultPlan::new()),
+            sqlite_writer: is_sqlite.then(|| Arc::new(Mutex::new(()))),
+            config,
+        })
+    }
+
+    /// The encoder that turns `Effect::Publish` into outbox rows (protobuf in production).
+    pub fn with_encoder(mut self, encoder: Arc<dyn EffectEncoder>) -> Self {
+        self.encoder = Some(encoder);
+        self
+    }
+
+    pub fn with_faults(mut self, faults: Arc<FaultPlan>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Runs the pending migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        Migrator::up(&self.db, None).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn faults(&self) -> &Arc<FaultPlan> {
+        &self.faults
+    }
+
+    /// The pool, for health checks and operator queries.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.db.close().await?;
+        Ok(())
+    }
+
+    async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
+        match &self.sqlite_writer {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
+}
