@@ -1,2 +1,5 @@
-//! events adapter.
+//! Kafka adapter: envelope codec, consumer loop, dispatch by topic, dead letters, Redis fast path, outbox relay.
+
+pub mod codec;
+pub mod handlers;
 pub mod broker;
