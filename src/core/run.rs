@@ -260,9 +260,7 @@ pub(crate) fn phase_outcome(
         ReportedPhaseStatus::CompletedSuccessfully if ok < total => (PhaseStatus::CompletedWithPartialSuccess, None),
         ReportedPhaseStatus::CompletedSuccessfully => (PhaseStatus::CompletedSuccessfully, None),
     };
-    let p = &mut agg.runs[ri].phases[pi];
-    p.essays_succeeded = ok;
-    p.essays_failed = total.saturating_sub(ok);
+    agg.runs[ri].phases[pi].essays_succeeded = ok;
     conclude(agg, effects, ri, pi, new_status, error.map(str::to_owned), now);
     advance(agg, effects, now)
 }
@@ -308,9 +306,6 @@ pub(crate) fn phase_timed_out(
             input: "phase_timed_out",
         });
     }
-    let p = &mut agg.runs[ri].phases[pi];
-    p.essays_succeeded = 0;
-    p.essays_failed = p.essays_total;
     conclude(agg, effects, ri, pi, PhaseStatus::Failed, Some("timeout".to_owned()), now);
     advance(agg, effects, now)
 }
@@ -330,6 +325,8 @@ fn conclude(
     p.status = status;
     p.error = error;
     p.completed_at = Some(now);
+    // Whatever was sent and not reported processed did not succeed (timeouts, cancels, unmentioned essays).
+    p.essays_failed = p.essays_total.saturating_sub(p.essays_succeeded);
     let phase = p.phase;
     effects.push(notification(agg, phase, status, correlation_id, now));
 }
