@@ -1,0 +1,126 @@
+//! In-process change feed: every committed change of a batch is announced by id, so `WatchBatch` streams can
+//! re-read the batch instead of polling. Redis pub/sub (when configured) feeds remote changes into the same feed.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
+
+use crate::core::ids::{BatchId, UserId};
+use crate::core::model::BatchAggregate;
+use crate::core::ports::{
+    Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
+};
+
+/// How many announcements a slow subscriber may fall behind before it is told it lagged (it then re-reads).
+const CAPACITY: usize = 1024;
+
+/// One announced change. Local changes carry the committed state, so a watcher sees every state in commit order
+/// (re-reading could merge two quick changes into one); changes of other replicas carry only the id.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub batch_id: BatchId,
+    pub snapshot: Option<Arc<BatchAggregate>>,
+}
+
+/// A broadcast of changed batches. Cheap to clone; all clones share one channel.
+#[derive(Debug, Clone)]
+pub struct ChangeFeed {
+    sender: broadcast::Sender<Change>,
+}
+
+impl Default for ChangeFeed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChangeFeed {
+    pub fn new() -> Self {
+        let (sender, _) = broadcast::channel(CAPACITY);
+        Self { sender }
+    }
+
+    /// Announces that `batch_id` changed. Nobody listening is fine.
+    pub fn publish(&self, batch_id: BatchId) {
+        self.send(Change {
+            batch_id,
+            snapshot: None,
+        });
+    }
+
+    /// Announces a committed state of a batch.
+    pub fn publish_snapshot(&self, aggregate: Arc<BatchAggregate>) {
+        self.send(Change {
+            batch_id: aggregate.batch.id,
+            snapshot: Some(aggregate),
+        });
+    }
+
+    fn send(&self, change: Change) {
+        // An error only means there are no subscribers right now.
+        let _ = self.sender.send(change);
+    }
+
+    /// Every change published after this call.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.sender.subscribe()
+    }
+}
+
+/// A repository decorator that announces every committed change on a `ChangeFeed`.
+pub struct NotifyingRepository<R: ?Sized> {
+    inner: Arc<R>,
+    feed: ChangeFeed,
+}
+
+impl<R: BatchRepository + ?Sized> NotifyingRepository<R> {
+    pub fn new(inner: Arc<R>, feed: ChangeFeed) -> Self {
+        Self { inner, feed }
+    }
+
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.feed
+    }
+}
+
+impl<R: BatchRepository + ?Sized> BatchRepository for NotifyingRepository<R> {
+    fn apply<'a>(
+        &'a self,
+        unit: UnitOfWork,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Applied, RepositoryError>> {
+        Box::pin(async move {
+            let applied = self.inner.apply(unit, now).await?;
+            if let Applied::Changed { aggregate, .. } = &applied {
+                self.feed
+                    .publish_snapshot(Arc::new(aggregate.as_ref().clone()));
+            }
+            Ok(applied)
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        self.inner.load(batch_id)
+    }
+
+    fn list_batches<'a>(
+        &'a self,
+        owner: &'a UserId,
+        page_size: u32,
+        page_token: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<BatchPage, RepositoryError>> {
+        self.inner.list_batches(owner, page_size, page_token)
+    }
+
+    fn timed_out_phases<'a>(
+        &'a self,
+        dispatched_before: DateTime<Utc>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>> {
+        self.inner.timed_out_phases(dispatched_before, limit)
+    }
+}
