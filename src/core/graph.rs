@@ -19,7 +19,10 @@ pub enum GraphError {
     #[error("phase {0} is declared twice")]
     DuplicatePhase(PhaseName),
     #[error("phase {phase} depends on {dependency}, which is not declared in the graph")]
-    UnknownDependency { phase: PhaseName, dependency: PhaseName },
+    UnknownDependency {
+        phase: PhaseName,
+        dependency: PhaseName,
+    },
     #[error("the graph has a cycle through {0:?}")]
     Cycle(Vec<PhaseName>),
 }
@@ -37,7 +40,10 @@ impl DependencyGraph {
         (PhaseName::Spellcheck, &[]),
         (PhaseName::Nlp, &[PhaseName::Spellcheck]),
         (PhaseName::CjAssessment, &[PhaseName::Spellcheck]),
-        (PhaseName::AiFeedback, &[PhaseName::Spellcheck, PhaseName::Nlp]),
+        (
+            PhaseName::AiFeedback,
+            &[PhaseName::Spellcheck, PhaseName::Nlp],
+        ),
     ];
 
     pub fn builtin() -> Self {
@@ -46,7 +52,9 @@ impl DependencyGraph {
     }
 
     /// Validates a declared graph: pipeline phases only, each declared once, every dependency declared, no cycle.
-    pub fn new(edges: impl IntoIterator<Item = (PhaseName, Vec<PhaseName>)>) -> Result<Self, GraphError> {
+    pub fn new(
+        edges: impl IntoIterator<Item = (PhaseName, Vec<PhaseName>)>,
+    ) -> Result<Self, GraphError> {
         let mut declared: Vec<(PhaseName, Vec<PhaseName>)> = Vec::new();
         for (phase, deps) in edges {
             if !phase.is_pipeline_phase() {
@@ -94,10 +102,15 @@ impl DependencyGraph {
 
     /// The same as `new`, from names as a configuration file spells them.
     pub fn from_names<S: AsRef<str>>(edges: &[(S, Vec<S>)]) -> Result<Self, GraphError> {
-        let parse = |raw: &str| PhaseName::parse("phase", raw).map_err(|_| GraphError::UnknownPhase(raw.to_owned()));
+        let parse = |raw: &str| {
+            PhaseName::parse("phase", raw).map_err(|_| GraphError::UnknownPhase(raw.to_owned()))
+        };
         let mut typed = Vec::with_capacity(edges.len());
         for (phase, deps) in edges {
-            let deps = deps.iter().map(|d| parse(d.as_ref())).collect::<Result<Vec<_>, _>>()?;
+            let deps = deps
+                .iter()
+                .map(|d| parse(d.as_ref()))
+                .collect::<Result<Vec<_>, _>>()?;
             typed.push((parse(phase.as_ref())?, deps));
         }
         Self::new(typed)
@@ -109,14 +122,21 @@ impl DependencyGraph {
     }
 
     pub fn direct_deps(&self, phase: PhaseName) -> Option<&[PhaseName]> {
-        self.nodes.iter().find(|(p, _)| *p == phase).map(|(_, d)| d.as_slice())
+        self.nodes
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, d)| d.as_slice())
     }
 
     /// The phases to run for `requested`: it and its transitive dependencies, minus the phases in `done`, in
     /// topological order. A done phase's own dependencies are not followed (they were satisfied when it ran). Each
     /// remaining phase lists all its direct dependencies, done or not, so the run can select the essays that
     /// succeeded in them. Everything done gives an empty pipeline: a run that completes at once.
-    pub fn resolve(&self, requested: PhaseName, done: &[PhaseName]) -> Result<ResolvedPipeline, ResolveError> {
+    pub fn resolve(
+        &self,
+        requested: PhaseName,
+        done: &[PhaseName],
+    ) -> Result<ResolvedPipeline, ResolveError> {
         if !requested.is_pipeline_phase() {
             return Err(ResolveError::NotAPipelinePhase(requested));
         }
@@ -153,7 +173,9 @@ impl Default for DependencyGraph {
 }
 
 /// Kahn's algorithm; ties go in declaration order so the result is stable.
-fn topological_order(declared: &[(PhaseName, Vec<PhaseName>)]) -> Result<Vec<PhaseName>, GraphError> {
+fn topological_order(
+    declared: &[(PhaseName, Vec<PhaseName>)],
+) -> Result<Vec<PhaseName>, GraphError> {
     let mut order: Vec<PhaseName> = Vec::with_capacity(declared.len());
     while order.len() < declared.len() {
         let next = declared
@@ -162,7 +184,11 @@ fn topological_order(declared: &[(PhaseName, Vec<PhaseName>)]) -> Result<Vec<Pha
         match next {
             Some((phase, _)) => order.push(*phase),
             None => {
-                let stuck = declared.iter().map(|(p, _)| *p).filter(|p| !order.contains(p)).collect();
+                let stuck = declared
+                    .iter()
+                    .map(|(p, _)| *p)
+                    .filter(|p| !order.contains(p))
+                    .collect();
                 return Err(GraphError::Cycle(stuck));
             }
         }
@@ -183,7 +209,10 @@ impl BuiltinResolver {
 }
 
 impl PipelineResolver for BuiltinResolver {
-    fn resolve<'a>(&'a self, request: &'a ResolveRequest) -> BoxFuture<'a, Result<ResolvedPipeline, ResolveError>> {
+    fn resolve<'a>(
+        &'a self,
+        request: &'a ResolveRequest,
+    ) -> BoxFuture<'a, Result<ResolvedPipeline, ResolveError>> {
         let answer = self.graph.resolve(request.requested, &request.done);
         Box::pin(std::future::ready(answer))
     }
@@ -201,11 +230,17 @@ mod tests {
     #[test]
     fn builtin_graph_orders_dependencies_first() {
         let g = DependencyGraph::builtin();
-        assert_eq!(g.order().collect::<Vec<_>>(), vec![Spellcheck, Nlp, CjAssessment, AiFeedback]);
+        assert_eq!(
+            g.order().collect::<Vec<_>>(),
+            vec![Spellcheck, Nlp, CjAssessment, AiFeedback]
+        );
         let ai = g.resolve(AiFeedback, &[]).unwrap();
         assert_eq!(names(&ai), vec![Spellcheck, Nlp, AiFeedback]);
         assert_eq!(ai.phases[2].depends_on, vec![Spellcheck, Nlp]);
-        assert_eq!(names(&g.resolve(Spellcheck, &[]).unwrap()), vec![Spellcheck]);
+        assert_eq!(
+            names(&g.resolve(Spellcheck, &[]).unwrap()),
+            vec![Spellcheck]
+        );
     }
 
     #[test]
@@ -215,13 +250,20 @@ mod tests {
         assert_eq!(names(&ai), vec![Nlp, AiFeedback]);
         assert_eq!(ai.phases[0].depends_on, vec![Spellcheck]);
         assert_eq!(ai.phases[1].depends_on, vec![Spellcheck, Nlp]);
-        assert!(g.resolve(CjAssessment, &[Spellcheck, CjAssessment]).unwrap().phases.is_empty());
+        assert!(g
+            .resolve(CjAssessment, &[Spellcheck, CjAssessment])
+            .unwrap()
+            .phases
+            .is_empty());
     }
 
     #[test]
     fn student_matching_cannot_be_resolved_or_declared() {
         let g = DependencyGraph::builtin();
-        assert_eq!(g.resolve(StudentMatching, &[]), Err(ResolveError::NotAPipelinePhase(StudentMatching)));
+        assert_eq!(
+            g.resolve(StudentMatching, &[]),
+            Err(ResolveError::NotAPipelinePhase(StudentMatching))
+        );
         assert_eq!(
             DependencyGraph::new([(StudentMatching, vec![])]),
             Err(GraphError::NotAPipelinePhase(StudentMatching))
@@ -238,7 +280,10 @@ mod tests {
             })
         );
         assert!(matches!(
-            DependencyGraph::new([(Spellcheck, vec![AiFeedback]), (AiFeedback, vec![Spellcheck])]),
+            DependencyGraph::new([
+                (Spellcheck, vec![AiFeedback]),
+                (AiFeedback, vec![Spellcheck])
+            ]),
             Err(GraphError::Cycle(_))
         ));
         assert_eq!(
@@ -253,8 +298,12 @@ mod tests {
 
     #[test]
     fn a_configured_graph_resolves_like_the_builtin_one() {
-        let g = DependencyGraph::from_names(&[("nlp", vec!["spellcheck"]), ("spellcheck", vec![])]).unwrap();
+        let g = DependencyGraph::from_names(&[("nlp", vec!["spellcheck"]), ("spellcheck", vec![])])
+            .unwrap();
         assert_eq!(names(&g.resolve(Nlp, &[]).unwrap()), vec![Spellcheck, Nlp]);
-        assert!(matches!(g.resolve(AiFeedback, &[]), Err(ResolveError::InvalidAnswer(_))));
+        assert!(matches!(
+            g.resolve(AiFeedback, &[]),
+            Err(ResolveError::InvalidAnswer(_))
+        ));
     }
 }

@@ -36,7 +36,10 @@ pub const INITIATORS: &[(PhaseName, Initiator)] = &[
 ];
 
 pub fn initiator(phase: PhaseName) -> Option<Initiator> {
-    INITIATORS.iter().find(|(p, _)| *p == phase).map(|(_, f)| *f)
+    INITIATORS
+        .iter()
+        .find(|(p, _)| *p == phase)
+        .map(|(_, f)| *f)
 }
 
 /// Builds the command for `phase` with its registered initiator.
@@ -68,7 +71,11 @@ fn base(phase: PhaseName, ctx: &PhaseContext<'_>) -> PhaseCommand {
 }
 
 fn student_matching(ctx: &PhaseContext<'_>) -> Result<PhaseCommand, InitiatorError> {
-    let class_id = ctx.batch.class_id.clone().ok_or(InitiatorError::MissingClass)?;
+    let class_id = ctx
+        .batch
+        .class_id
+        .clone()
+        .ok_or(InitiatorError::MissingClass)?;
     Ok(PhaseCommand {
         class_id: Some(class_id),
         ..base(PhaseName::StudentMatching, ctx)
@@ -113,7 +120,11 @@ mod tests {
     #[test]
     fn every_phase_has_exactly_one_initiator() {
         for phase in PhaseName::ALL {
-            assert_eq!(INITIATORS.iter().filter(|(p, _)| *p == phase).count(), 1, "{phase}");
+            assert_eq!(
+                INITIATORS.iter().filter(|(p, _)| *p == phase).count(),
+                1,
+                "{phase}"
+            );
         }
     }
 
@@ -127,7 +138,10 @@ mod tests {
             run_id: None,
             correlation_id: guest.batch.correlation_id,
         };
-        assert_eq!(initiate(PhaseName::StudentMatching, &ctx), Err(InitiatorError::MissingClass));
+        assert_eq!(
+            initiate(PhaseName::StudentMatching, &ctx),
+            Err(InitiatorError::MissingClass)
+        );
 
         let regular = regular_aggregate();
         let ctx = PhaseContext {
@@ -153,6 +167,9 @@ mod tests {
         assert_eq!(cmd.assignment_id, agg.batch.assignment_id);
         assert_eq!(cmd.cj_default_temperature, agg.batch.cj_default_temperature);
         assert_eq!(cmd.attempt.get(), 2);
-        assert_eq!(initiate(PhaseName::Spellcheck, &ctx).unwrap().assignment_id, None);
+        assert_eq!(
+            initiate(PhaseName::Spellcheck, &ctx).unwrap().assignment_id,
+            None
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Which input may touch a batch in which status is data (`TRANSITIONS` and `rule`), checked before any handler
 //! runs, so an illegal transition is always a typed rejection and never a silent overwrite (defect 2). The pipeline
-//! run and phase logic lives in `run`.
+//! run and the phase inputs live in `run`; how phases progress lives in `progress`.
 
 use chrono::{DateTime, Utc};
 
@@ -124,8 +124,16 @@ pub const TRANSITIONS: &[(BatchStatus, InputKind, &[BatchStatus])] = &[
         &[S::StudentValidationCompleted, S::ReadyForPipelineExecution],
     ),
     // An early essays-ready is kept on the batch and applied when the associations are confirmed (defect 9).
-    (S::AwaitingStudentValidation, K::EssaysReady, &[S::AwaitingStudentValidation]),
-    (S::StudentValidationCompleted, K::EssaysReady, &[S::ReadyForPipelineExecution]),
+    (
+        S::AwaitingStudentValidation,
+        K::EssaysReady,
+        &[S::AwaitingStudentValidation],
+    ),
+    (
+        S::StudentValidationCompleted,
+        K::EssaysReady,
+        &[S::ReadyForPipelineExecution],
+    ),
     // A request whose phases are all done completes at once and leaves the batch ready (defect 18).
     (
         S::ReadyForPipelineExecution,
@@ -179,7 +187,10 @@ pub fn rule(from: BatchStatus, kind: InputKind) -> Rule {
     if kind == K::Register {
         return Rule::Refuse(Refusal::AlreadyExists);
     }
-    if let Some((_, _, to)) = TRANSITIONS.iter().find(|(s, k, _)| *s == from && *k == kind) {
+    if let Some((_, _, to)) = TRANSITIONS
+        .iter()
+        .find(|(s, k, _)| *s == from && *k == kind)
+    {
         return Rule::Legal(to);
     }
     if let Some(i) = NON_TERMINAL.iter().position(|s| *s == from) {
@@ -199,7 +210,11 @@ pub fn rule(from: BatchStatus, kind: InputKind) -> Rule {
 
 /// Decides what `input` does to the batch. `state` is `None` only for a batch that does not exist yet. Pure: the
 /// same arguments always give the same answer; ids and the resolved pipeline come in `input`.
-pub fn decide(state: Option<&BatchAggregate>, input: &Input, now: DateTime<Utc>) -> Result<Decision, Rejection> {
+pub fn decide(
+    state: Option<&BatchAggregate>,
+    input: &Input,
+    now: DateTime<Utc>,
+) -> Result<Decision, Rejection> {
     let current = match (state, input) {
         (None, Input::Register(new)) => return register(new, now),
         (None, _) => return Err(Rejection::NotFound),
@@ -219,24 +234,35 @@ pub fn decide(state: Option<&BatchAggregate>, input: &Input, now: DateTime<Utc>)
     let mut effects = Vec::new();
     match input {
         Input::Register(_) => return Err(Rejection::AlreadyExists),
-        Input::ContentProvisioned { essays, .. } => content_provisioned(&mut agg, &mut effects, essays)?,
-        Input::StudentAssociationsConfirmed { associations, .. } => associations_confirmed(&mut agg, associations)?,
+        Input::ContentProvisioned { essays, .. } => {
+            content_provisioned(&mut agg, &mut effects, essays)?
+        }
+        Input::StudentAssociationsConfirmed { associations, .. } => {
+            associations_confirmed(&mut agg, associations)?
+        }
         Input::EssaysReady { essays, .. } => essays_ready(&mut agg, essays)?,
         Input::ValidationErrors { failed, critical } => {
             validation_errors(&mut agg, &mut effects, failed, *critical, now)?
         }
         Input::RequestPipeline { .. } => run::request_pipeline(&mut agg, &mut effects, input, now)?,
-        Input::PhaseCommandDelivered { phase, attempt } => run::command_delivered(&mut agg, *phase, *attempt),
-        Input::PhaseOutcome { .. } => run::phase_outcome(&mut agg, &mut effects, input, now)?,
-        Input::PhaseTimedOut { phase, attempt, timeout } => {
-            run::phase_timed_out(&mut agg, &mut effects, *phase, *attempt, *timeout, now)?
+        Input::PhaseCommandDelivered { phase, attempt } => {
+            run::command_delivered(&mut agg, *phase, *attempt)
         }
+        Input::PhaseOutcome { .. } => run::phase_outcome(&mut agg, &mut effects, input, now)?,
+        Input::PhaseTimedOut {
+            phase,
+            attempt,
+            timeout,
+        } => run::phase_timed_out(&mut agg, &mut effects, *phase, *attempt, *timeout, now)?,
         Input::Cancel { reason, .. } => cancel(&mut agg, &mut effects, reason.as_deref(), now),
     }
     if agg != *current {
         agg.batch.updated_at = now;
     }
-    Ok(Decision { aggregate: agg, effects })
+    Ok(Decision {
+        aggregate: agg,
+        effects,
+    })
 }
 
 /// Someone else's batch looks exactly like a missing one.
@@ -334,13 +360,17 @@ fn check_members<'a>(
 ) -> Result<(), Rejection> {
     for id in ids {
         if !agg.essays.iter().any(|e| e.id == *id) {
-            return Err(InvalidValue::new(field, format!("essay {id} does not belong to the batch")).into());
+            return Err(InvalidValue::new(
+                field,
+                format!("essay {id} does not belong to the batch"),
+            )
+            .into());
         }
     }
     Ok(())
 }
 
-fn essay_mut<'a>(agg: &'a mut BatchAggregate, id: EssayId) -> Option<&'a mut Essay> {
+fn essay_mut(agg: &mut BatchAggregate, id: EssayId) -> Option<&mut Essay> {
     agg.essays.iter_mut().find(|e| e.id == id)
 }
 
@@ -361,7 +391,11 @@ fn content_provisioned(
     effects: &mut Vec<Effect>,
     essays: &[EssayRef],
 ) -> Result<(), Rejection> {
-    check_members(agg, "essays_for_processing", essays.iter().map(|e| &e.essay_id))?;
+    check_members(
+        agg,
+        "essays_for_processing",
+        essays.iter().map(|e| &e.essay_id),
+    )?;
     match agg.batch.class_type() {
         ClassType::Guest => {
             mark_essays(agg, essays, EssayStatus::Ready);
@@ -394,8 +428,15 @@ fn content_provisioned(
     Ok(())
 }
 
-fn associations_confirmed(agg: &mut BatchAggregate, associations: &[StudentAssociation]) -> Result<(), Rejection> {
-    check_members(agg, "associations", associations.iter().map(|a| &a.essay_id))?;
+fn associations_confirmed(
+    agg: &mut BatchAggregate,
+    associations: &[StudentAssociation],
+) -> Result<(), Rejection> {
+    check_members(
+        agg,
+        "associations",
+        associations.iter().map(|a| &a.essay_id),
+    )?;
     for a in associations {
         if let Some(essay) = essay_mut(agg, a.essay_id) {
             essay.student_id = Some(a.student_id.clone());
@@ -450,7 +491,12 @@ fn validation_errors(
 }
 
 /// Cancel ends the batch; an active run ends CANCELLED with its unfinished phases CANCELLED.
-fn cancel(agg: &mut BatchAggregate, effects: &mut Vec<Effect>, reason: Option<&str>, now: DateTime<Utc>) {
+fn cancel(
+    agg: &mut BatchAggregate,
+    effects: &mut Vec<Effect>,
+    reason: Option<&str>,
+    now: DateTime<Utc>,
+) {
     run::abort_active_run(agg, effects, RunStatus::Cancelled, now);
     agg.batch.status = S::Cancelled;
     agg.batch.status_reason = Some(reason.unwrap_or("cancelled").to_owned());

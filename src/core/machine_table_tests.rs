@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
+use super::decide;
 use super::ids::{Attempt, PhaseName};
 use super::input::{Actor, FailedEssay, Input, ProcessedEssay, ReportedPhaseStatus};
 use super::machine::{rule, InputKind, Rule, TRANSITIONS};
 use super::model::{BatchAggregate, BatchStatus};
 use super::rejection::Rejection;
 use super::test_support::*;
-use super::decide;
 use BatchStatus as S;
 
 /// A REGULAR batch in `status`, reached through `decide`.
@@ -20,7 +20,9 @@ fn batch_in(status: BatchStatus) -> BatchAggregate {
         S::AwaitingStudentValidation => &[provisioned],
         S::StudentValidationCompleted => &[provisioned, associations],
         S::ReadyForPipelineExecution => &[provisioned, associations, essays_ready],
-        S::ProcessingPipelines => &[provisioned, associations, essays_ready, |a| request(a, PhaseName::Spellcheck, 1)],
+        S::ProcessingPipelines => &[provisioned, associations, essays_ready, |a| {
+            request(a, PhaseName::Spellcheck, 1)
+        }],
         S::FailedCritically => &[provisioned, associations, essays_ready, |a| critical(a)],
         S::Cancelled => &[provisioned, associations, essays_ready, |_| Input::Cancel {
             actor: Actor::Internal,
@@ -104,14 +106,26 @@ fn expected(from: BatchStatus, input: &Input, agg: &BatchAggregate) -> Expect {
     let non_terminal = !from.is_terminal();
     match (from, kind) {
         (_, K::Register) => Expect::Refused(Rejection::AlreadyExists),
-        (S::AwaitingContentValidation, K::ContentProvisioned) => Expect::Lands(S::AwaitingStudentValidation),
-        (S::AwaitingStudentValidation, K::StudentAssociationsConfirmed) => Expect::Lands(S::StudentValidationCompleted),
-        (S::AwaitingStudentValidation, K::EssaysReady) => Expect::Lands(S::AwaitingStudentValidation),
-        (S::StudentValidationCompleted, K::EssaysReady) => Expect::Lands(S::ReadyForPipelineExecution),
+        (S::AwaitingContentValidation, K::ContentProvisioned) => {
+            Expect::Lands(S::AwaitingStudentValidation)
+        }
+        (S::AwaitingStudentValidation, K::StudentAssociationsConfirmed) => {
+            Expect::Lands(S::StudentValidationCompleted)
+        }
+        (S::AwaitingStudentValidation, K::EssaysReady) => {
+            Expect::Lands(S::AwaitingStudentValidation)
+        }
+        (S::StudentValidationCompleted, K::EssaysReady) => {
+            Expect::Lands(S::ReadyForPipelineExecution)
+        }
         (S::ReadyForPipelineExecution, K::RequestPipeline) => Expect::Lands(S::ProcessingPipelines),
-        (S::ProcessingPipelines, K::RequestPipeline) => Expect::Refused(Rejection::RunActive { run_id: run_id(1) }),
+        (S::ProcessingPipelines, K::RequestPipeline) => {
+            Expect::Refused(Rejection::RunActive { run_id: run_id(1) })
+        }
         (S::ProcessingPipelines, K::PhaseCommandDelivered) => Expect::Lands(S::ProcessingPipelines),
-        (S::ProcessingPipelines, K::PhaseOutcome | K::PhaseTimedOut) => Expect::Lands(S::ReadyForPipelineExecution),
+        (S::ProcessingPipelines, K::PhaseOutcome | K::PhaseTimedOut) => {
+            Expect::Lands(S::ReadyForPipelineExecution)
+        }
         (_, K::ValidationErrors) if non_terminal => match input {
             Input::ValidationErrors { critical: true, .. } => Expect::Lands(S::FailedCritically),
             _ => Expect::Lands(from),
@@ -144,9 +158,13 @@ fn every_status_and_input_pair_follows_the_state_machine() {
                 assert_eq!(agg, before);
                 // The data table agrees with the outcome.
                 match (&got, rule(from, kind)) {
-                    (Expect::Lands(to), Rule::Legal(targets)) => assert!(targets.contains(to), "{from:?} {kind:?}"),
+                    (Expect::Lands(to), Rule::Legal(targets)) => {
+                        assert!(targets.contains(to), "{from:?} {kind:?}")
+                    }
                     (Expect::NoOp, Rule::NoOp) | (Expect::Refused(_), Rule::Refuse(_)) => {}
-                    (got, rule) => panic!("{from:?} {kind:?}: got {got:?} but the table says {rule:?}"),
+                    (got, rule) => {
+                        panic!("{from:?} {kind:?}: got {got:?} but the table says {rule:?}")
+                    }
                 }
                 checked += 1;
             }
@@ -160,7 +178,9 @@ fn a_guest_batch_is_ready_right_after_provisioning() {
     let agg = guest_aggregate();
     let d = step(&agg, provisioned(&agg));
     assert_eq!(d.aggregate.batch.status, S::ReadyForPipelineExecution);
-    assert!(matches!(rule(S::AwaitingContentValidation, InputKind::ContentProvisioned), Rule::Legal(t) if t.contains(&S::ReadyForPipelineExecution)));
+    assert!(
+        matches!(rule(S::AwaitingContentValidation, InputKind::ContentProvisioned), Rule::Legal(t) if t.contains(&S::ReadyForPipelineExecution))
+    );
 }
 
 #[test]
@@ -169,7 +189,10 @@ fn inputs_for_a_missing_batch() {
         for input in samples(&regular_aggregate(), kind) {
             let got = decide(None, &input, t(0));
             if kind == InputKind::Register {
-                assert_eq!(got.unwrap().aggregate.batch.status, S::AwaitingContentValidation);
+                assert_eq!(
+                    got.unwrap().aggregate.batch.status,
+                    S::AwaitingContentValidation
+                );
             } else {
                 assert_eq!(got, Err(Rejection::NotFound), "{kind:?}");
             }

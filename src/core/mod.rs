@@ -12,6 +12,7 @@ pub mod orchestrator;
 pub mod ports;
 pub mod registration;
 pub mod rejection;
+pub mod progress;
 pub mod run;
 
 pub use machine::{decide, Decision};

@@ -12,8 +12,8 @@ use super::input::{Actor, Input};
 use super::machine::check_owner;
 use super::model::{BatchAggregate, RunStatus};
 use super::ports::{
-    Applied, BatchRepository, Clock, IdGenerator, InboxEntry, PipelineResolver, RepositoryError, ResolveError,
-    ResolveRequest, UnitOfWork,
+    Applied, BatchRepository, Clock, IdGenerator, InboxEntry, PipelineResolver, RepositoryError,
+    ResolveError, ResolveRequest, UnitOfWork,
 };
 use super::registration::ValidRegistration;
 use super::rejection::Rejection;
@@ -108,13 +108,20 @@ impl Orchestrator {
         }
     }
 
-    pub async fn register_batch(&self, registration: ValidRegistration) -> Result<Registered, OrchestratorError> {
+    pub async fn register_batch(
+        &self,
+        registration: ValidRegistration,
+    ) -> Result<Registered, OrchestratorError> {
         let batch_id = BatchId::from_uuid(self.ids.new_id());
         let correlation_id = CorrelationId::from_uuid(self.ids.new_id());
         let essay_ids: Vec<EssayId> = (0..registration.expected_essay_count)
             .map(|_| EssayId::from_uuid(self.ids.new_id()))
             .collect();
-        let input = Input::Register(registration.into_new_batch(batch_id, correlation_id, essay_ids.clone()));
+        let input = Input::Register(registration.into_new_batch(
+            batch_id,
+            correlation_id,
+            essay_ids.clone(),
+        ));
         self.apply(batch_id, input, None).await?;
         Ok(Registered {
             batch_id,
@@ -141,10 +148,20 @@ impl Orchestrator {
         if let Some(run) = agg.active_run() {
             return Err(Rejection::RunActive { run_id: run.id }.into());
         }
-        let correlation_id = correlation.unwrap_or_else(|| CorrelationId::from_uuid(self.ids.new_id()));
+        let correlation_id =
+            correlation.unwrap_or_else(|| CorrelationId::from_uuid(self.ids.new_id()));
         let done = agg.done_phases();
-        self.start_run(actor, agg, requested, done, correlation_id, false, None, inbox)
-            .await
+        self.start_run(
+            actor,
+            agg,
+            requested,
+            done,
+            correlation_id,
+            false,
+            None,
+            inbox,
+        )
+        .await
     }
 
     /// Retries a FAILED or partially succeeded phase of the caller's own batch: resolved like any request (with the
@@ -161,7 +178,11 @@ impl Orchestrator {
             return Err(Rejection::RunActive { run_id: run.id }.into());
         }
         check_retryable(&agg, phase)?;
-        let done: Vec<PhaseName> = agg.done_phases().into_iter().filter(|p| *p != phase).collect();
+        let done: Vec<PhaseName> = agg
+            .done_phases()
+            .into_iter()
+            .filter(|p| *p != phase)
+            .collect();
         let correlation_id = CorrelationId::from_uuid(self.ids.new_id());
         self.start_run(actor, agg, phase, done, correlation_id, true, reason, None)
             .await
@@ -201,11 +222,9 @@ impl Orchestrator {
             Applied::Changed { aggregate, .. } => aggregate,
             Applied::Duplicate => return Err(OrchestratorError::Duplicate),
         };
-        let run = after
-            .runs
-            .iter()
-            .find(|r| r.id == run_id)
-            .ok_or_else(|| RepositoryError::Corrupt(format!("run {run_id} missing after it was accepted")))?;
+        let run = after.runs.iter().find(|r| r.id == run_id).ok_or_else(|| {
+            RepositoryError::Corrupt(format!("run {run_id} missing after it was accepted"))
+        })?;
         Ok(RunAccepted {
             run_id,
             correlation_id,
@@ -225,7 +244,11 @@ impl Orchestrator {
     }
 
     /// The batch as `actor` may see it: someone else's batch is NotFound.
-    pub async fn batch_for(&self, actor: &Actor, batch_id: BatchId) -> Result<BatchAggregate, OrchestratorError> {
+    pub async fn batch_for(
+        &self,
+        actor: &Actor,
+        batch_id: BatchId,
+    ) -> Result<BatchAggregate, OrchestratorError> {
         let agg = self.repo.load(batch_id).await?.ok_or(Rejection::NotFound)?;
         check_owner(&agg.batch, actor)?;
         Ok(agg)
@@ -233,7 +256,11 @@ impl Orchestrator {
 
     /// Fails every phase dispatched more than `timeout` ago (at most `limit` of them); returns how many failed. A
     /// phase that concluded meanwhile is refused by `decide` and not counted.
-    pub async fn time_out_overdue(&self, timeout: Duration, limit: u32) -> Result<usize, OrchestratorError> {
+    pub async fn time_out_overdue(
+        &self,
+        timeout: Duration,
+        limit: u32,
+    ) -> Result<usize, OrchestratorError> {
         let now = self.clock.now();
         let Some(before) = chrono::Duration::from_std(timeout)
             .ok()
@@ -249,7 +276,11 @@ impl Orchestrator {
                 attempt: phase.attempt,
                 timeout,
             };
-            match self.repo.apply(unit(phase.batch_id, input, None), now).await {
+            match self
+                .repo
+                .apply(unit(phase.batch_id, input, None), now)
+                .await
+            {
                 Ok(Applied::Changed { .. }) => failed += 1,
                 Ok(Applied::Duplicate) | Err(RepositoryError::Rejected(_)) => {}
                 Err(e) => return Err(e.into()),

@@ -49,7 +49,6 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
-
 /// Everything observed along one sequence.
 struct World {
     agg: BatchAggregate,
@@ -66,7 +65,9 @@ struct World {
 impl World {
     /// A batch just registered, or (`ready`) already through content, associations and readiness.
     fn new(regular: bool, ready: bool) -> Self {
-        let mut agg = decide(None, &Input::Register(new_batch(regular, 4)), t(0)).unwrap().aggregate;
+        let mut agg = decide(None, &Input::Register(new_batch(regular, 4)), t(0))
+            .unwrap()
+            .aggregate;
         if ready {
             for make in [provisioned, associations, essays_ready] {
                 let input = make(&agg);
@@ -126,7 +127,11 @@ impl World {
                     attempt: cmd.attempt,
                 }
             }
-            Action::Outcome { cmd, fail_mask, mode } => {
+            Action::Outcome {
+                cmd,
+                fail_mask,
+                mode,
+            } => {
                 let cmd = &self.commands[pick(*cmd, self.commands.len())?];
                 outcome(cmd, *fail_mask, *mode)
             }
@@ -148,8 +153,13 @@ impl World {
 
     fn apply(&mut self, input: Input) {
         self.inputs.push(input.clone());
-        let Ok(d) = decide(Some(&self.agg), &input, t(self.now)) else { return };
-        if let Input::PhaseOutcome { phase, processed, .. } = &input {
+        let Ok(d) = decide(Some(&self.agg), &input, t(self.now)) else {
+            return;
+        };
+        if let Input::PhaseOutcome {
+            phase, processed, ..
+        } = &input
+        {
             // Accepted: it answered the active run's current attempt.
             let run = self.agg.active_run().map(|r| r.id).unwrap();
             let set = self.processed.entry((run, *phase)).or_default();
@@ -159,13 +169,21 @@ impl World {
         for effect in &d.effects {
             match effect {
                 Effect::Publish(OutboundEvent::PhaseCommand(c)) => {
-                    assert!(self.commanded.insert((c.phase, c.attempt)), "{} attempt {} commanded twice", c.phase, c.attempt);
+                    assert!(
+                        self.commanded.insert((c.phase, c.attempt)),
+                        "{} attempt {} commanded twice",
+                        c.phase,
+                        c.attempt
+                    );
                     self.commands.push(c.clone());
                 }
                 Effect::Publish(OutboundEvent::PipelineCompleted(c)) => {
                     self.completions += 1;
                     let run = self.agg.runs.iter().find(|r| r.id == c.run_id).unwrap();
-                    assert_eq!((c.successful_essay_count, c.failed_essay_count), (run.successful_essay_count, run.failed_essay_count));
+                    assert_eq!(
+                        (c.successful_essay_count, c.failed_essay_count),
+                        (run.successful_essay_count, run.failed_essay_count)
+                    );
                     self.check_counts(c.run_id);
                 }
                 _ => {}
@@ -191,20 +209,31 @@ impl World {
             .processed
             .get(&(run_id, run.requested_pipeline))
             .map_or(0, BTreeSet::len);
-        assert_eq!(run.successful_essay_count as usize, reported, "run {run_id}");
-        assert_eq!((run.successful_essay_count + run.failed_essay_count) as usize, sent.len());
+        assert_eq!(
+            run.successful_essay_count as usize, reported,
+            "run {run_id}"
+        );
+        assert_eq!(
+            (run.successful_essay_count + run.failed_essay_count) as usize,
+            sent.len()
+        );
     }
 
     /// Answers every dispatched phase of the active run until the run ends.
     fn drain(&mut self, fail_mask: u8) {
         for _ in 0..10 {
-            let Some(run) = self.agg.active_run() else { return };
+            let Some(run) = self.agg.active_run() else {
+                return;
+            };
             let run_id = run.id;
             let open: Vec<PhaseCommand> = self
                 .commands
                 .iter()
                 .filter(|c| c.run_id == Some(run_id))
-                .filter(|c| run.phase(c.phase).is_some_and(|p| p.attempt == c.attempt && p.status.is_dispatched()))
+                .filter(|c| {
+                    run.phase(c.phase)
+                        .is_some_and(|p| p.attempt == c.attempt && p.status.is_dispatched())
+                })
                 .cloned()
                 .collect();
             assert!(!open.is_empty(), "an active run waits for nothing: {run:?}");
@@ -225,7 +254,10 @@ fn outcome(cmd: &PhaseCommand, fail_mask: u8, mode: u8) -> Input {
         .filter(|(i, _)| !fails(*i))
         .map(|(_, e)| ProcessedEssay {
             essay_id: e.essay_id,
-            output_ref: Some(text(&format!("{}-{}-{}", cmd.phase, cmd.attempt, e.essay_id))),
+            output_ref: Some(text(&format!(
+                "{}-{}-{}",
+                cmd.phase, cmd.attempt, e.essay_id
+            ))),
         })
         .collect();
     let failed: Vec<EssayId> = cmd
@@ -253,26 +285,48 @@ fn outcome(cmd: &PhaseCommand, fail_mask: u8, mode: u8) -> Input {
 }
 
 fn check_invariants(agg: &BatchAggregate) {
-    let running = agg.runs.iter().filter(|r| r.status == RunStatus::Running).count();
+    let running = agg
+        .runs
+        .iter()
+        .filter(|r| r.status == RunStatus::Running)
+        .count();
     assert!(running <= 1, "{running} runs are running");
-    assert_eq!(agg.batch.status == BatchStatus::ProcessingPipelines, running == 1, "{:?}", agg.batch.status);
+    assert_eq!(
+        agg.batch.status == BatchStatus::ProcessingPipelines,
+        running == 1,
+        "{:?}",
+        agg.batch.status
+    );
     for run in &agg.runs {
         if run.status.is_terminal() {
-            assert!(run.phases.iter().all(|p| p.status.is_terminal()), "ended run with open phases: {run:?}");
+            assert!(
+                run.phases.iter().all(|p| p.status.is_terminal()),
+                "ended run with open phases: {run:?}"
+            );
             assert!(run.ended_at.is_some());
         } else {
-            assert!(run.phases.iter().any(|p| !p.status.is_terminal()), "running run with nothing open");
+            assert!(
+                run.phases.iter().any(|p| !p.status.is_terminal()),
+                "running run with nothing open"
+            );
         }
         for p in &run.phases {
             if p.status.is_terminal() && p.essays_total > 0 {
-                assert_eq!(p.essays_succeeded + p.essays_failed, p.essays_total, "{p:?}");
+                assert_eq!(
+                    p.essays_succeeded + p.essays_failed,
+                    p.essays_total,
+                    "{p:?}"
+                );
             }
             assert!(p.essays_succeeded <= p.essays_total);
         }
     }
     let mut pairs = BTreeSet::new();
     for r in &agg.results {
-        assert!(pairs.insert((r.essay_id, r.phase)), "two results for one essay and phase");
+        assert!(
+            pairs.insert((r.essay_id, r.phase)),
+            "two results for one essay and phase"
+        );
     }
 }
 

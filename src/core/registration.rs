@@ -1,7 +1,9 @@
 //! RegisterBatch input as a transport decodes it, and its validation. Every field violation is reported at once,
 //! named as the API names the field.
 
-use super::ids::{BatchId, ClassId, CorrelationId, CourseCode, EssayId, InvalidValue, OrgId, UserId};
+use super::ids::{
+    BatchId, ClassId, CorrelationId, CourseCode, EssayId, InvalidValue, OrgId, UserId,
+};
 use super::input::NewBatch;
 
 pub const MAX_ESSAYS: i64 = 10_000;
@@ -38,7 +40,12 @@ pub struct ValidRegistration {
 
 impl ValidRegistration {
     /// The core input, with the ids the caller generated (one essay id per expected essay).
-    pub fn into_new_batch(self, batch_id: BatchId, correlation_id: CorrelationId, essay_ids: Vec<EssayId>) -> NewBatch {
+    pub fn into_new_batch(
+        self,
+        batch_id: BatchId,
+        correlation_id: CorrelationId,
+        essay_ids: Vec<EssayId>,
+    ) -> NewBatch {
         NewBatch {
             batch_id,
             correlation_id,
@@ -67,11 +74,17 @@ fn bounded_text(
 ) -> Option<String> {
     let value = present(raw)?;
     if value.chars().count() > max {
-        errors.push(InvalidValue::new(field, format!("must be at most {max} characters")));
+        errors.push(InvalidValue::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
         return None;
     }
     if value.chars().any(char::is_control) {
-        errors.push(InvalidValue::new(field, "must not contain control characters"));
+        errors.push(InvalidValue::new(
+            field,
+            "must not contain control characters",
+        ));
         return None;
     }
     Some(value)
@@ -102,14 +115,38 @@ pub fn validate(
     if count.is_none() {
         errors.push(InvalidValue::new(
             "expected_essay_count",
-            format!("must be between 1 and {MAX_ESSAYS}, got {}", raw.expected_essay_count),
+            format!(
+                "must be between 1 and {MAX_ESSAYS}, got {}",
+                raw.expected_essay_count
+            ),
         ));
     }
-    let course = course_code(&raw.course_code).map_err(|e| errors.push(e)).ok();
-    let class_id = present(raw.class_id).and_then(|c| ClassId::parse("class_id", &c).map_err(|e| errors.push(e)).ok());
-    let student_prompt_ref = bounded_text("student_prompt_ref", raw.student_prompt_ref, MAX_TEXT_LEN, &mut errors);
-    let assignment_id = bounded_text("assignment_id", raw.assignment_id, MAX_ASSIGNMENT_ID_LEN, &mut errors);
-    let cj_default_llm_model = bounded_text("cj_default_llm_model", raw.cj_default_llm_model, MAX_TEXT_LEN, &mut errors);
+    let course = course_code(&raw.course_code)
+        .map_err(|e| errors.push(e))
+        .ok();
+    let class_id = present(raw.class_id).and_then(|c| {
+        ClassId::parse("class_id", &c)
+            .map_err(|e| errors.push(e))
+            .ok()
+    });
+    let student_prompt_ref = bounded_text(
+        "student_prompt_ref",
+        raw.student_prompt_ref,
+        MAX_TEXT_LEN,
+        &mut errors,
+    );
+    let assignment_id = bounded_text(
+        "assignment_id",
+        raw.assignment_id,
+        MAX_ASSIGNMENT_ID_LEN,
+        &mut errors,
+    );
+    let cj_default_llm_model = bounded_text(
+        "cj_default_llm_model",
+        raw.cj_default_llm_model,
+        MAX_TEXT_LEN,
+        &mut errors,
+    );
     let temperature = raw.cj_default_temperature;
     if let Some(t) = temperature {
         if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) {
@@ -120,17 +157,19 @@ pub fn validate(
         }
     }
     match (count, course) {
-        (Some(expected_essay_count), Some(course_code)) if errors.is_empty() => Ok(ValidRegistration {
-            owner,
-            org_id,
-            expected_essay_count,
-            course_code,
-            class_id,
-            student_prompt_ref,
-            assignment_id,
-            cj_default_llm_model,
-            cj_default_temperature: temperature,
-        }),
+        (Some(expected_essay_count), Some(course_code)) if errors.is_empty() => {
+            Ok(ValidRegistration {
+                owner,
+                org_id,
+                expected_essay_count,
+                course_code,
+                class_id,
+                student_prompt_ref,
+                assignment_id,
+                cj_default_llm_model,
+                cj_default_temperature: temperature,
+            })
+        }
         _ => Err(errors),
     }
 }

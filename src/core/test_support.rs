@@ -5,12 +5,14 @@ use uuid::Uuid;
 
 use super::effect::{Effect, OutboundEvent, PhaseCommand, PipelineCompleted};
 use super::graph::DependencyGraph;
-use super::ids::{BatchId, ClassId, CorrelationId, CourseCode, EssayId, PhaseName, RunId, TextRef, UserId};
+use super::ids::{
+    BatchId, ClassId, CorrelationId, CourseCode, EssayId, PhaseName, RunId, TextRef, UserId,
+};
 use super::input::{
     Actor, EssayRef, Input, NewBatch, ProcessedEssay, ReportedPhaseStatus, StudentAssociation,
 };
 use super::machine::{decide, Decision};
-use super::model::{BatchAggregate, EssayStatus};
+use super::model::BatchAggregate;
 
 pub fn t(secs: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_750_000_000 + secs, 0).single().unwrap()
@@ -57,11 +59,15 @@ pub fn step_at(agg: &BatchAggregate, input: Input, secs: i64) -> Decision {
 }
 
 pub fn guest_aggregate() -> BatchAggregate {
-    decide(None, &Input::Register(new_batch(false, 3)), t(0)).unwrap().aggregate
+    decide(None, &Input::Register(new_batch(false, 3)), t(0))
+        .unwrap()
+        .aggregate
 }
 
 pub fn regular_aggregate() -> BatchAggregate {
-    decide(None, &Input::Register(new_batch(true, 3)), t(0)).unwrap().aggregate
+    decide(None, &Input::Register(new_batch(true, 3)), t(0))
+        .unwrap()
+        .aggregate
 }
 
 pub fn refs(agg: &BatchAggregate, prefix: &str) -> Vec<EssayRef> {
@@ -110,15 +116,6 @@ pub fn ready_guest() -> BatchAggregate {
     step(&agg, provisioned(&agg)).aggregate
 }
 
-pub fn ready_regular() -> BatchAggregate {
-    let mut agg = regular_aggregate();
-    for input in [provisioned(&agg), associations(&agg), essays_ready(&agg)] {
-        agg = step(&agg, input).aggregate;
-    }
-    assert!(agg.essays.iter().all(|e| e.status == EssayStatus::Ready));
-    agg
-}
-
 pub fn run_id(n: u128) -> RunId {
     RunId::from_uuid(Uuid::from_u128(0x2000 + n))
 }
@@ -132,7 +129,9 @@ pub fn request(agg: &BatchAggregate, phase: PhaseName, n: u128) -> Input {
     Input::RequestPipeline {
         actor: Actor::User(owner()),
         requested: phase,
-        resolved: DependencyGraph::builtin().resolve(phase, &agg.done_phases()).unwrap(),
+        resolved: DependencyGraph::builtin()
+            .resolve(phase, &agg.done_phases())
+            .unwrap(),
         run_id: run_id(n),
         correlation_id: correlation(n),
         is_retry: false,
@@ -141,7 +140,11 @@ pub fn request(agg: &BatchAggregate, phase: PhaseName, n: u128) -> Input {
 }
 
 pub fn retry(agg: &BatchAggregate, phase: PhaseName, n: u128) -> Input {
-    let done: Vec<PhaseName> = agg.done_phases().into_iter().filter(|p| *p != phase).collect();
+    let done: Vec<PhaseName> = agg
+        .done_phases()
+        .into_iter()
+        .filter(|p| *p != phase)
+        .collect();
     Input::RequestPipeline {
         actor: Actor::User(owner()),
         requested: phase,
