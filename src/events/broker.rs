@@ -12,10 +12,8 @@ use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 
+use super::codec::dlq_topic;
 use crate::proto;
-
-/// Suffix of the dead-letter topic of every topic.
-pub const DLQ_SUFFIX: &str = ".DLQ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -51,7 +49,7 @@ impl Default for BrokerOptions {
 pub fn all_topics() -> Vec<String> {
     let mut topics = Vec::new();
     for (_, topic) in proto::event_topics() {
-        topics.push(format!("{topic}{DLQ_SUFFIX}"));
+        topics.push(dlq_topic(&topic));
         topics.push(topic);
     }
     topics.sort();
@@ -227,7 +225,7 @@ mod tests {
         assert!(!topics.is_empty());
         for (_, topic) in proto::event_topics() {
             assert!(topics.contains(&topic));
-            assert!(topics.contains(&format!("{topic}{DLQ_SUFFIX}")));
+            assert!(topics.contains(&dlq_topic(&topic)));
         }
     }
 

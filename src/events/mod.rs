@@ -3,3 +3,5 @@
 pub mod codec;
 pub mod handlers;
 pub mod broker;
+pub mod relay;
+pub mod scanner;

@@ -1,1 +1,2 @@
 //! notify adapter.
+pub mod redis;

@@ -1,0 +1,354 @@
+//! The outbox relay: publishes committed outbox rows to Kafka with an idempotent producer, exactly
+//! as stored (event id, key, headers), then marks them published.
+//!
+//! Rows are claimed with a lease (several replicas may relay from one database) and only the
+//! oldest unpublished row of a key is claimable, so a batch's records reach the broker in commit
+//! order. A failed row is handed back to the store, which schedules its retry with exponential
+//! backoff and parks it after too many failures; the relay itself also backs off while the broker
+//! is unreachable. It is woken right after a commit and polls slowly as a safety net.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::Notify;
+
+use super::codec::header;
+use crate::core::ids::{Attempt, BatchId, PhaseName};
+use crate::core::input::Input;
+use crate::core::orchestrator::{Orchestrator, OrchestratorError};
+use crate::core::ports::BoxFuture;
+use crate::notify::feed::ChangeFeed;
+use crate::store::{FailureOutcome, FaultPoint, OutboxRow, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot create the Kafka producer: {0}")]
+    Producer(#[from] KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Tunables; the defaults are what production uses.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed per round.
+    pub batch_size: u32,
+    /// Safety poll: how long the relay sleeps when nobody wakes it.
+    pub poll_interval: Duration,
+    /// How long the producer keeps trying to deliver one record before reporting a failure.
+    pub delivery_timeout: Duration,
+    /// Relay-level backoff while publishing fails (the store also delays each failed row).
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How often the parked-rows gauge is refreshed.
+    pub gauge_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            poll_interval: Duration::from_secs(1),
+            delivery_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(10),
+            gauge_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Told when a phase command reached the broker, so the phase can move to IN_PROGRESS.
+pub trait DeliveryListener: Send + Sync {
+    fn command_delivered(&self, batch_id: BatchId, phase: PhaseName, attempt: Attempt) -> BoxFuture<'_, ()>;
+}
+
+impl DeliveryListener for Orchestrator {
+    fn command_delivered(&self, batch_id: BatchId, phase: PhaseName, attempt: Attempt) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            match self.handle(batch_id, Input::PhaseCommandDelivered { phase, attempt }, None).await {
+                Ok(_) => {}
+                // The phase moved on already (an outcome or a timeout came first): nothing to record.
+                Err(OrchestratorError::Rejected(r)) => {
+                    tracing::debug!(%batch_id, %phase, %attempt, reason = %r, "delivery report not applied")
+                }
+                // The phase stays DISPATCH_INITIATED; the timeout scanner covers it either way.
+                Err(e) => tracing::warn!(%batch_id, %phase, %attempt, error = %e, "cannot record command delivery"),
+            }
+        })
+    }
+}
+
+/// Wakes the relay right after a commit. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    notify: Arc<Notify>,
+}
+
+impl RelayHandle {
+    pub fn wake(&self) {
+        // A stored permit makes a wake that arrives while the relay is busy count for its next wait.
+        self.notify.notify_one();
+    }
+
+    /// Wakes the relay on every change announced on `feed` (local commits, and other replicas'
+    /// commits when Redis fans them out) until `shutdown` resolves.
+    pub async fn wake_on_changes(self, feed: ChangeFeed, shutdown: impl Future<Output = ()>) {
+        let mut changes = feed.subscribe();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                received = changes.recv() => match received {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.wake(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub claimed: usize,
+    pub published: usize,
+    pub failed: usize,
+}
+
+pub struct Relay {
+    store: Store,
+    producer: FutureProducer,
+    listener: Option<Arc<dyn DeliveryListener>>,
+    notify: Arc<Notify>,
+    config: RelayConfig,
+}
+
+impl Relay {
+    /// Builds the idempotent producer for `bootstrap_servers`.
+    pub fn new(
+        store: Store,
+        bootstrap_servers: &str,
+        listener: Option<Arc<dyn DeliveryListener>>,
+        config: RelayConfig,
+    ) -> Result<Self, RelayError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", config.delivery_timeout.as_millis().to_string())
+            .set("client.id", "bos-outbox-relay")
+            .create()?;
+        Ok(Self {
+            store,
+            producer,
+            listener,
+            notify: Arc::new(Notify::new()),
+            config,
+        })
+    }
+
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            notify: self.notify.clone(),
+        }
+    }
+
+    /// Relays until `shutdown` resolves; a round in progress is finished first.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut failures: u32 = 0;
+        let mut gauge_refreshed: Option<Instant> = None;
+        tracing::info!("outbox relay started");
+        loop {
+            let round = self.publish_round().await;
+            let mut pause = self.config.poll_interval;
+            match round {
+                Ok(report) if report.failed == 0 => {
+                    failures = 0;
+                    if report.claimed as u32 >= self.config.batch_size {
+                        // More rows may be due right now.
+                        pause = Duration::ZERO;
+                    }
+                }
+                Ok(report) => {
+                    failures = failures.saturating_add(1);
+                    pause = self.backoff(failures);
+                    tracing::warn!(failed = report.failed, pause_ms = pause.as_millis() as u64, "outbox publish failures; backing off");
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    pause = self.backoff(failures);
+                    metrics::counter!("relay_publish_errors").increment(1);
+                    tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "outbox relay round failed; backing off");
+                }
+            }
+            if gauge_refreshed.is_none_or(|t| t.elapsed() >= self.config.gauge_interval) {
+                self.refresh_parked_gauge().await;
+                gauge_refreshed = Some(Instant::now());
+            }
+            if pause.is_zero() {
+                continue;
+            }
+            let backing_off = failures > 0;
+            tokio::select! {
+                () = &mut shutdown => break,
+                // While backing off a commit must not cut the pause short: the broker is the problem.
+                () = self.notify.notified(), if !backing_off => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        self.producer_flush().await;
+        tracing::info!("outbox relay stopped");
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(16);
+        self.config
+            .backoff_base
+            .saturating_mul(1u32 << exp)
+            .min(self.config.backoff_cap)
+    }
+
+    async fn producer_flush(&self) {
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            producer.flush(Duration::from_secs(5))
+        })
+        .await;
+    }
+
+    async fn refresh_parked_gauge(&self) {
+        match self.store.parked_count().await {
+            Ok(parked) => metrics::gauge!("outbox_parked").set(parked as f64),
+            Err(e) => tracing::debug!(error = %e, "cannot read the parked outbox count"),
+        }
+    }
+
+    /// Claims due rows, publishes them, waits for every delivery report, then marks the
+    /// delivered ones published and hands the failed ones back to the store.
+    pub async fn publish_round(&self) -> Result<RoundReport, RelayError> {
+        let rows = self.store.claim_due(self.config.batch_size, Utc::now()).await?;
+        let mut report = RoundReport {
+            claimed: rows.len(),
+            ..RoundReport::default()
+        };
+        if rows.is_empty() {
+            return Ok(report);
+        }
+        // A failure here leaves the rows leased; they come back when the lease runs out.
+        self.store.faults().hit(FaultPoint::AfterClaim).map_err(StoreError::from)?;
+
+        let outcomes = join_all(rows.iter().map(|row| self.publish(row))).await;
+        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => delivered.push(row),
+                Err(reason) => failed.push((row, reason)),
+            }
+        }
+        // Published but not marked: the rows go out again after the lease, with the same event
+        // ids, which consumers dedupe.
+        self.store.faults().hit(FaultPoint::AfterPublishBeforeMark).map_err(StoreError::from)?;
+
+        let ids: Vec<i64> = delivered.iter().map(|r| r.id).collect();
+        self.store.mark_published(&ids, Utc::now()).await?;
+        report.published = delivered.len();
+        metrics::counter!("outbox_published_total").increment(delivered.len() as u64);
+
+        for (row, reason) in &failed {
+            metrics::counter!("relay_publish_errors").increment(1);
+            match self.store.record_failure(row.id, reason, Utc::now()).await? {
+                FailureOutcome::Parked => {
+                    tracing::error!(id = row.id, event_id = %row.event_id, topic = %row.topic, %reason, "outbox row parked after repeated failures");
+                    self.refresh_parked_gauge().await;
+                }
+                FailureOutcome::RetryAt(at) => {
+                    tracing::debug!(id = row.id, %reason, retry_at = %at, "outbox row will be retried")
+                }
+                FailureOutcome::Unchanged => {}
+            }
+        }
+        report.failed = failed.len();
+
+        if let Some(listener) = &self.listener {
+            for row in delivered {
+                if let Some((batch_id, phase, attempt)) = phase_command_of(row) {
+                    listener.command_delivered(batch_id, phase, attempt).await;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn publish(&self, row: &OutboxRow) -> Result<(), String> {
+        let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
+        for (name, value) in &row.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(&row.topic)
+            .key(row.key.as_bytes())
+            .payload(&row.payload)
+            .headers(headers);
+        let delivery = self.producer.send_result(record).map_err(|(e, _)| e.to_string())?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e.to_string()),
+            Err(_) => Err("the producer dropped the delivery report".to_owned()),
+        }
+    }
+}
+
+/// The batch, phase and attempt of a phase command row (from the headers the codec sets).
+fn phase_command_of(row: &OutboxRow) -> Option<(BatchId, PhaseName, Attempt)> {
+    let phase = PhaseName::parse("phase", row.headers.get(header::PHASE)?).ok()?;
+    let attempt = row.headers.get(header::ATTEMPT)?.parse::<i64>().ok()?;
+    let attempt = Attempt::parse("attempt", attempt).ok()?;
+    let batch_id = BatchId::parse("key", &row.key).ok()?;
+    Some((batch_id, phase, attempt))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::core::ids::EventId;
+
+    fn row(headers: &[(&str, &str)], key: &str) -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            event_id: EventId::from_uuid(uuid::Uuid::now_v7()),
+            topic: "t".into(),
+            key: key.into(),
+            payload: vec![],
+            headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>(),
+            created_at: Utc::now(),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn phase_commands_are_recognised_by_their_headers() {
+        let batch = uuid::Uuid::now_v7().to_string();
+        let found = phase_command_of(&row(&[("phase", "nlp"), ("attempt", "2")], &batch));
+        let (b, p, a) = found.unwrap();
+        assert_eq!(b.to_string(), batch);
+        assert_eq!(p, PhaseName::Nlp);
+        assert_eq!(a.get(), 2);
+        assert!(phase_command_of(&row(&[("event_id", "x")], &batch)).is_none());
+        assert!(phase_command_of(&row(&[("phase", "nlp"), ("attempt", "0")], &batch)).is_none());
+        assert!(phase_command_of(&row(&[("phase", "nlp"), ("attempt", "1")], "not-a-uuid")).is_none());
+    }
+}
