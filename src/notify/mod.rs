@@ -1,2 +1,4 @@
 //! notify adapter.
+
+pub mod feed;
 pub mod redis;
