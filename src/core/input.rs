@@ -65,7 +65,9 @@ pub struct ProcessedEssay {
 }
 
 /// A pipeline as resolved (by the Batch Conductor Service or the built-in graph): phases in dispatch order, each
-/// with the phases of the same list it depends on.
+/// with ALL its direct graph dependencies, including ones already done for the batch (those count as satisfied).
+/// `decide` prunes phases already done (never the phase being retried) and rejects a dependency that is neither
+/// done nor earlier in the list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedPipeline {
     pub phases: Vec<ResolvedPhase>,

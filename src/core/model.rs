@@ -256,6 +256,8 @@ pub struct EssayPhaseResult {
 pub struct PhaseExecution {
     pub phase: PhaseName,
     pub status: PhaseStatus,
+    /// The attempt this execution dispatches: last attempt of the phase for the batch + 1, fixed when the run is
+    /// created (a phase that is skipped or cancelled before dispatch leaves its number unused).
     pub attempt: Attempt,
     /// ALL of the phase's direct graph dependencies, including ones done in earlier runs (those count as
     /// satisfied). A dependency that is also in this run must end COMPLETED_SUCCESSFULLY or

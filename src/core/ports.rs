@@ -24,7 +24,8 @@ pub trait IdGenerator: Send + Sync {
     fn new_id(&self) -> Uuid;
 }
 
-/// What to resolve: the requested (final) phase and the phases the batch has already done.
+/// What to resolve: the requested (final) phase and the phases the batch has already done (for a retry, without
+/// the retried phase, so that it is not pruned).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolveRequest {
     pub batch_id: BatchId,

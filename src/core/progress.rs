@@ -298,8 +298,8 @@ fn finish_run(agg: &mut BatchAggregate, effects: &mut Vec<Effect>, ri: usize, no
     }
 }
 
-/// Stops the active run (cancel, critical failure): unfinished phases CANCELLED, run ends with `status`. The
-/// caller sets the batch status.
+/// Stops the active run (cancel, critical failure): unfinished phases CANCELLED (each announced), run ends with
+/// `status` and a completion event with real counts. The caller sets the batch status.
 pub(crate) fn abort_active_run(
     agg: &mut BatchAggregate,
     effects: &mut Vec<Effect>,
