@@ -187,7 +187,7 @@ impl Transcoder {
                 Err(never) => match never {},
             };
         };
-        let rpc = RoutedRpc(method.name().to_owned());
+        let rpc = RoutedRpc(grpc_path.trim_start_matches('/').to_owned());
         let mut response = match self
             .transcode(request, &method, has_body, &grpc_path, bound)
             .await
