@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel,
@@ -225,6 +225,7 @@ impl Store {
 
     /// Marks rows published; returns how many were still unpublished.
     pub async fn mark_published(&self, ids: &[i64], now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let now = now.trunc_subsecs(6);
         if ids.is_empty() {
             return Ok(0);
         }
@@ -245,6 +246,8 @@ impl Store {
         error: &str,
         now: DateTime<Utc>,
     ) -> Result<FailureOutcome, StoreError> {
+        // Stored times have microseconds; computing with them keeps "due at `next`" exact on every backend.
+        let now = now.trunc_subsecs(6);
         let _writer = self.write_guard().await;
         let policy = &self.config.outbox;
         // Compare-and-set on `attempts`, so two relays reporting the same row count one failure each.
