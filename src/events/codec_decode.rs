@@ -92,12 +92,15 @@ fn consumed_message(topic: &str) -> Result<String, DecodeError> {
         .ok_or_else(|| DecodeError::UnknownTopic(topic.to_owned()))
 }
 
-fn open_envelope(topic: &str, payload: Option<&[u8]>) -> Result<pe::EventEnvelope, DecodeError> {
+fn open_envelope(payload: Option<&[u8]>) -> Result<pe::EventEnvelope, DecodeError> {
     let bytes = payload
         .filter(|b| !b.is_empty())
         .ok_or(DecodeError::EmptyPayload)?;
-    let envelope =
-        pe::EventEnvelope::decode(bytes).map_err(|e| DecodeError::NotAnEnvelope(e.to_string()))?;
+    pe::EventEnvelope::decode(bytes).map_err(|e| DecodeError::NotAnEnvelope(e.to_string()))
+}
+
+/// Checked after the payload type, so a record on the wrong topic reports the more telling type mismatch.
+fn check_event_type(envelope: &pe::EventEnvelope, topic: &str) -> Result<(), DecodeError> {
     if !envelope.event_type.is_empty() && envelope.event_type != topic {
         return Err(InvalidValue::new(
             "event_type",
@@ -105,7 +108,7 @@ fn open_envelope(topic: &str, payload: Option<&[u8]>) -> Result<pe::EventEnvelop
         )
         .into());
     }
-    Ok(envelope)
+    Ok(())
 }
 
 fn any_type_name(any: &Any) -> &str {
@@ -142,12 +145,13 @@ pub fn decode_payload<M: Message + Name + Default>(
             got: M::full_name(),
         });
     }
-    let envelope = open_envelope(topic, payload)?;
+    let envelope = open_envelope(payload)?;
     let any = envelope
         .data
         .as_ref()
         .ok_or(DecodeError::MissingField("data"))?;
     let message = unpack::<M>(topic, any)?;
+    check_event_type(&envelope, topic)?;
     Ok((envelope, message))
 }
 
@@ -159,7 +163,7 @@ pub fn decode(
     headers: &BTreeMap<String, String>,
 ) -> Result<DecodedEvent, DecodeError> {
     let expected = consumed_message(topic)?;
-    let envelope = open_envelope(topic, payload)?;
+    let envelope = open_envelope(payload)?;
     let any = envelope
         .data
         .as_ref()
@@ -171,6 +175,7 @@ pub fn decode(
             got: any_type_name(any).to_owned(),
         });
     }
+    check_event_type(&envelope, topic)?;
     if envelope.event_id.is_empty() {
         return Err(DecodeError::MissingField("event_id"));
     }

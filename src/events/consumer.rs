@@ -1,0 +1,493 @@
+//! The consumer loop: one group member subscribed to the six consumed topics. Records of a partition are processed
+//! in order by that partition's worker; partitions proceed independently. An offset is committed only after its
+//! record's unit of work committed (or the record reached the dead-letter topic), so a later offset is never
+//! committed past an unfinished earlier one (defect 16).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::codec::{consumed_topics, decode, with_trace, TraceContext};
+use super::dedupe::Dedupe;
+use super::dlq::{DlqPublisher, RawRecord};
+use super::handlers::{EventHandler, HandleResult};
+
+/// Records buffered per partition before the dispatcher waits for that partition's worker.
+const PARTITION_BUFFER: usize = 256;
+/// A worker commits at least every this many finished records, and whenever it has caught up.
+const COMMIT_EVERY: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(String),
+    #[error("cannot subscribe to {topics:?}: {reason}")]
+    Subscribe { topics: Vec<String>, reason: String },
+}
+
+/// Retry delays for transient failures: `initial`, doubled per attempt, capped at `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    fn next(&self, current: Duration) -> Duration {
+        current.saturating_mul(2).min(self.max)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub brokers: String,
+    pub group: String,
+    /// Extra librdkafka settings (tests shorten session timeouts).
+    pub overrides: Vec<(String, String)>,
+    pub backoff: Backoff,
+}
+
+impl ConsumerSettings {
+    pub fn new(brokers: impl Into<String>, group: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group: group.into(),
+            overrides: Vec::new(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Progress of one assigned partition, shared by its worker and the rebalance callback.
+#[derive(Debug)]
+struct PartitionState {
+    revoked: AtomicBool,
+    /// Offset to commit next: the offset after the last finished record (-1: nothing finished yet).
+    finished: AtomicI64,
+    committed: AtomicI64,
+}
+
+type PartitionKey = (String, i32);
+type Partitions = Arc<Mutex<HashMap<PartitionKey, Arc<PartitionState>>>>;
+
+/// Hands partitions over cleanly: on revoke, commit what the workers finished, then tell them to stop.
+pub struct RebalanceContext {
+    partitions: Partitions,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let mut partitions = self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut finished = TopicPartitionList::new();
+        for element in revoked.elements() {
+            let key = (element.topic().to_owned(), element.partition());
+            if let Some(state) = partitions.remove(&key) {
+                state.revoked.store(true, Ordering::SeqCst);
+                let next = state.finished.load(Ordering::SeqCst);
+                if next > state.committed.load(Ordering::SeqCst) {
+                    let _ = finished.add_partition_offset(&key.0, key.1, Offset::Offset(next));
+                }
+            }
+        }
+        tracing::info!(partitions = revoked.count(), "partitions revoked");
+        if finished.count() > 0 {
+            if let Err(e) = consumer.commit(&finished, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit on revoke failed; the next owner sees those records again");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            tracing::info!(partitions = assigned.count(), "partitions assigned");
+        }
+    }
+}
+
+/// Everything a worker needs to process one record.
+struct Processor {
+    handler: EventHandler,
+    dedupe: Dedupe,
+    dlq: DlqPublisher,
+    backoff: Backoff,
+}
+
+enum Finished {
+    /// The record is done (applied, duplicate or dead-lettered): its offset may be committed.
+    Done,
+    /// Shutdown or revocation interrupted it: do not commit it.
+    Abandoned,
+}
+
+pub struct EventConsumer {
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    partitions: Partitions,
+    processor: Arc<Processor>,
+}
+
+impl EventConsumer {
+    /// Creates the group member and subscribes it to every consumed topic.
+    pub fn new(
+        settings: &ConsumerSettings,
+        handler: EventHandler,
+        dedupe: Dedupe,
+        dlq: DlqPublisher,
+    ) -> Result<Self, ConsumerError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", &settings.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        for (key, value) in &settings.overrides {
+            config.set(key, value);
+        }
+        let partitions: Partitions = Arc::default();
+        let context = RebalanceContext {
+            partitions: partitions.clone(),
+        };
+        let consumer: StreamConsumer<RebalanceContext> = config
+            .create_with_context(context)
+            .map_err(|e| ConsumerError::Create(e.to_string()))?;
+        let topics = consumed_topics();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(|e| ConsumerError::Subscribe {
+                topics: topics.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            partitions,
+            processor: Arc::new(Processor {
+                handler,
+                dedupe,
+                dlq,
+                backoff: settings.backoff,
+            }),
+        })
+    }
+
+    /// Consumes until `shutdown` resolves, then lets every worker finish or abandon its current record.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut workers: HashMap<PartitionKey, mpsc::Sender<RawRecord>> = HashMap::new();
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                message = self.consumer.recv() => message,
+            };
+            let record = match message {
+                Ok(message) => raw_record(&message),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let key = (record.topic.clone(), record.partition);
+            let sender = match workers.get(&key) {
+                Some(sender) if !sender.is_closed() && self.is_current(&key) => sender.clone(),
+                _ => {
+                    let sender = self.spawn_worker(&key, &mut tasks, stop_rx.clone());
+                    workers.insert(key, sender.clone());
+                    sender
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                _ = sender.send(record) => {}
+            }
+        }
+        let _ = stop_tx.send(true);
+        drop(workers);
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("consumer stopped");
+    }
+
+    /// True when the partition is assigned and its worker state is the live one (not revoked).
+    fn is_current(&self, key: &PartitionKey) -> bool {
+        let partitions = self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        partitions
+            .get(key)
+            .is_some_and(|s| !s.revoked.load(Ordering::SeqCst))
+    }
+
+    fn spawn_worker(
+        &self,
+        key: &PartitionKey,
+        tasks: &mut JoinSet<()>,
+        stop: watch::Receiver<bool>,
+    ) -> mpsc::Sender<RawRecord> {
+        let state = Arc::new(PartitionState {
+            revoked: AtomicBool::new(false),
+            finished: AtomicI64::new(-1),
+            committed: AtomicI64::new(-1),
+        });
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), state.clone());
+        let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
+        let worker = Worker {
+            key: key.clone(),
+            state,
+            consumer: self.consumer.clone(),
+            processor: self.processor.clone(),
+            stop,
+        };
+        tasks.spawn(worker.run(rx));
+        tx
+    }
+}
+
+struct Worker {
+    key: PartitionKey,
+    state: Arc<PartitionState>,
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    processor: Arc<Processor>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    async fn run(mut self, mut records: mpsc::Receiver<RawRecord>) {
+        let mut uncommitted = 0u32;
+        loop {
+            let record = tokio::select! {
+                biased;
+                _ = self.stop.changed() => None,
+                record = records.recv() => record,
+            };
+            let Some(record) = record else { break };
+            if self.interrupted() {
+                break;
+            }
+            let offset = record.offset;
+            match self
+                .processor
+                .process(record, &self.state, &self.stop)
+                .await
+            {
+                Finished::Abandoned => break,
+                Finished::Done => {
+                    self.state.finished.store(offset + 1, Ordering::SeqCst);
+                    uncommitted += 1;
+                }
+            }
+            if records.is_empty() || uncommitted >= COMMIT_EVERY {
+                self.commit();
+                uncommitted = 0;
+            }
+        }
+        self.commit();
+    }
+
+    fn interrupted(&self) -> bool {
+        *self.stop.borrow() || self.state.revoked.load(Ordering::SeqCst)
+    }
+
+    fn commit(&self) {
+        if self.state.revoked.load(Ordering::SeqCst) {
+            // The rebalance callback committed what was finished; the partition may belong to someone else now.
+            return;
+        }
+        let next = self.state.finished.load(Ordering::SeqCst);
+        if next <= self.state.committed.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        if offsets
+            .add_partition_offset(&self.key.0, self.key.1, Offset::Offset(next))
+            .is_err()
+        {
+            return;
+        }
+        match self.consumer.commit(&offsets, CommitMode::Async) {
+            Ok(()) => self.state.committed.store(next, Ordering::SeqCst),
+            Err(e) => {
+                tracing::warn!(topic = %self.key.0, partition = self.key.1, error = %e, "offset commit failed")
+            }
+        }
+    }
+}
+
+impl Processor {
+    async fn process(
+        &self,
+        record: RawRecord,
+        state: &PartitionState,
+        stop: &watch::Receiver<bool>,
+    ) -> Finished {
+        let headers = record.text_headers();
+        let decoded = match decode(
+            &record.topic,
+            record.key.as_deref(),
+            record.payload.as_deref(),
+            &headers,
+        ) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                let span = tracing::info_span!("consume", topic = %record.topic, partition = record.partition,
+                    offset = record.offset, error_kind = error.kind());
+                return self
+                    .dead_letter(&record, &error.to_string(), 1, state, stop)
+                    .instrument(span)
+                    .await;
+            }
+        };
+        let trace = decoded
+            .traceparent
+            .map(|t| t.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let span = tracing::info_span!(
+            "consume",
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            event_id = %decoded.event_id,
+            batch_id = %decoded.batch_id,
+            trace_id = %trace.trace_id_hex(),
+            parent_span_id = %decoded.traceparent.map(|t| t.span_id_hex()).unwrap_or_default(),
+        );
+        let work = async {
+            if self.dedupe.seen(decoded.event_id).await {
+                count(&record.topic, "duplicate");
+                return Finished::Done;
+            }
+            let mut delay = self.backoff.initial;
+            let mut attempt = 1u32;
+            loop {
+                let result = with_trace(trace, self.handler.handle(&decoded)).await;
+                match result {
+                    HandleResult::Applied | HandleResult::Duplicate => {
+                        // Only now, after the commit: a failed unit of work must run again (defect 15).
+                        self.dedupe.remember(decoded.event_id).await;
+                        count(&record.topic, result.label());
+                        return Finished::Done;
+                    }
+                    HandleResult::Poison(reason) => {
+                        tracing::warn!(%reason, "poison record");
+                        return self
+                            .dead_letter(&record, &reason, attempt, state, stop)
+                            .await;
+                    }
+                    HandleResult::Transient(reason) => {
+                        count(&record.topic, "transient");
+                        tracing::warn!(%reason, attempt, retry_in_ms = delay.as_millis() as u64, "transient failure");
+                        if !pause(delay, state, stop).await {
+                            return Finished::Abandoned;
+                        }
+                        delay = self.backoff.next(delay);
+                        attempt = attempt.saturating_add(1);
+                    }
+                }
+            }
+        };
+        work.instrument(span).await
+    }
+
+    /// Publishes to the dead-letter topic, retrying (without advancing) until the broker acknowledged it.
+    async fn dead_letter(
+        &self,
+        record: &RawRecord,
+        error: &str,
+        attempt: u32,
+        state: &PartitionState,
+        stop: &watch::Receiver<bool>,
+    ) -> Finished {
+        let mut delay = self.backoff.initial;
+        loop {
+            match self.dlq.publish(record, error, attempt).await {
+                Ok(()) => {
+                    count(&record.topic, "poison");
+                    return Finished::Done;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                    if !pause(delay, state, stop).await {
+                        return Finished::Abandoned;
+                    }
+                    delay = self.backoff.next(delay);
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `delay` unless shutdown or revocation comes first; false when interrupted.
+async fn pause(delay: Duration, state: &PartitionState, stop: &watch::Receiver<bool>) -> bool {
+    let deadline = tokio::time::Instant::now() + delay;
+    loop {
+        if *stop.borrow() || state.revoked.load(Ordering::SeqCst) {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        tokio::time::sleep((deadline - now).min(Duration::from_millis(50))).await;
+    }
+}
+
+fn count(topic: &str, result: &'static str) {
+    metrics::counter!("consumed_total", "topic" => topic.to_owned(), "result" => result)
+        .increment(1);
+}
+
+fn raw_record<M: Message>(message: &M) -> RawRecord {
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    RawRecord {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
