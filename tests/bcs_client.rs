@@ -39,7 +39,9 @@ async fn define(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Respo
     let behaviour = fake.behaviour.lock().unwrap().clone();
     match behaviour {
         Behaviour::Answer(phases) => Json(json!({ "final_pipeline": phases })).into_response(),
-        Behaviour::FailThenAnswer(0, phases) => Json(json!({ "final_pipeline": phases })).into_response(),
+        Behaviour::FailThenAnswer(0, phases) => {
+            Json(json!({ "final_pipeline": phases })).into_response()
+        }
         Behaviour::FailThenAnswer(n, phases) => {
             *fake.behaviour.lock().unwrap() = Behaviour::FailThenAnswer(n - 1, phases);
             StatusCode::SERVICE_UNAVAILABLE.into_response()
@@ -59,7 +61,9 @@ async fn start(behaviour: Behaviour) -> (String, Arc<Fake>) {
         calls: AtomicU32::new(0),
         last_body: Mutex::new(None),
     });
-    let app = Router::new().route(DEFINE_PATH, post(define)).with_state(fake.clone());
+    let app = Router::new()
+        .route(DEFINE_PATH, post(define))
+        .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -98,12 +102,21 @@ async fn good_answer_becomes_a_pipeline_with_graph_dependencies() {
     let client = BcsClient::new(&url, settings(), DependencyGraph::builtin()).unwrap();
     let req = request(PhaseName::AiFeedback);
     let pipeline = client.resolve(&req).await.unwrap();
-    assert_eq!(names(&pipeline), vec![PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::AiFeedback]);
-    assert_eq!(pipeline.phases[2].depends_on, vec![PhaseName::Spellcheck, PhaseName::Nlp]);
+    assert_eq!(
+        names(&pipeline),
+        vec![PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::AiFeedback]
+    );
+    assert_eq!(
+        pipeline.phases[2].depends_on,
+        vec![PhaseName::Spellcheck, PhaseName::Nlp]
+    );
     let body = fake.last_body.lock().unwrap().clone().unwrap();
     assert_eq!(body["batch_id"], json!(req.batch_id.to_string()));
     assert_eq!(body["requested_pipeline"], json!("ai_feedback"));
-    assert_eq!(body["correlation_id"], json!(req.correlation_id.to_string()));
+    assert_eq!(
+        body["correlation_id"],
+        json!(req.correlation_id.to_string())
+    );
     assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
 }
 
@@ -111,8 +124,14 @@ async fn good_answer_becomes_a_pipeline_with_graph_dependencies() {
 async fn unknown_phase_in_the_answer_is_invalid() {
     let (url, _fake) = start(Behaviour::Answer(vec!["spellcheck", "grammar_check"])).await;
     let client = BcsClient::new(&url, settings(), DependencyGraph::builtin()).unwrap();
-    let err = client.resolve(&request(PhaseName::Spellcheck)).await.unwrap_err();
-    assert!(matches!(err, ResolveError::InvalidAnswer(ref m) if m.contains("grammar_check")), "{err:?}");
+    let err = client
+        .resolve(&request(PhaseName::Spellcheck))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ResolveError::InvalidAnswer(ref m) if m.contains("grammar_check")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -128,9 +147,16 @@ async fn a_client_error_is_invalid_and_not_retried() {
 async fn server_errors_are_retried_until_success() {
     let (url, fake) = start(Behaviour::FailThenAnswer(2, vec!["spellcheck"])).await;
     let client = BcsClient::new(&url, settings(), DependencyGraph::builtin()).unwrap();
-    let pipeline = client.resolve(&request(PhaseName::Spellcheck)).await.unwrap();
+    let pipeline = client
+        .resolve(&request(PhaseName::Spellcheck))
+        .await
+        .unwrap();
     assert_eq!(names(&pipeline), vec![PhaseName::Spellcheck]);
-    assert_eq!(fake.calls.load(Ordering::SeqCst), 3, "two 503s then the answer");
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        3,
+        "two 503s then the answer"
+    );
     assert!(!client.breaker_open());
 }
 
@@ -139,10 +165,17 @@ async fn a_hanging_service_times_out_as_unavailable() {
     let (url, fake) = start(Behaviour::Hang).await;
     let client = BcsClient::new(&url, settings(), DependencyGraph::builtin()).unwrap();
     let started = Instant::now();
-    let err = client.resolve(&request(PhaseName::Spellcheck)).await.unwrap_err();
+    let err = client
+        .resolve(&request(PhaseName::Spellcheck))
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, ResolveError::Unavailable(_)), "{err:?}");
-    assert_eq!(fake.calls.load(Ordering::SeqCst), 3, "each attempt timed out");
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        3,
+        "each attempt timed out"
+    );
     // 3 × 300 ms timeouts + 20 + 40 ms backoff, far below the 30 s the server would hang.
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
@@ -150,9 +183,21 @@ async fn a_hanging_service_times_out_as_unavailable() {
 #[tokio::test]
 async fn an_unreachable_service_is_unavailable() {
     // A port nobody listens on: bind, read the port, drop the listener.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let client = BcsClient::new(&format!("http://127.0.0.1:{port}"), settings(), DependencyGraph::builtin()).unwrap();
-    let err = client.resolve(&request(PhaseName::Spellcheck)).await.unwrap_err();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = BcsClient::new(
+        &format!("http://127.0.0.1:{port}"),
+        settings(),
+        DependencyGraph::builtin(),
+    )
+    .unwrap();
+    let err = client
+        .resolve(&request(PhaseName::Spellcheck))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ResolveError::Unavailable(_)), "{err:?}");
 }
 
@@ -162,14 +207,24 @@ async fn breaker_opens_fails_fast_and_recovers_after_the_cool_down() {
     let client = BcsClient::new(&url, settings(), DependencyGraph::builtin()).unwrap();
     let req = request(PhaseName::Spellcheck);
     for _ in 0..2 {
-        assert!(matches!(client.resolve(&req).await, Err(ResolveError::Unavailable(_))));
+        assert!(matches!(
+            client.resolve(&req).await,
+            Err(ResolveError::Unavailable(_))
+        ));
     }
-    assert_eq!(fake.calls.load(Ordering::SeqCst), 6, "two calls of three attempts each");
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        6,
+        "two calls of three attempts each"
+    );
     assert!(client.breaker_open());
 
     // Open: refused without calling the service.
     let err = client.resolve(&req).await.unwrap_err();
-    assert!(matches!(err, ResolveError::Unavailable(ref m) if m.contains("circuit")), "{err:?}");
+    assert!(
+        matches!(err, ResolveError::Unavailable(ref m) if m.contains("circuit")),
+        "{err:?}"
+    );
     assert_eq!(fake.calls.load(Ordering::SeqCst), 6);
 
     // The service recovers; after the cool-down one probe goes through and closes the breaker.
@@ -193,15 +248,31 @@ async fn a_failed_probe_opens_the_breaker_again() {
     }
     assert!(client.breaker_open());
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(matches!(client.resolve(&req).await, Err(ResolveError::Unavailable(_))));
+    assert!(matches!(
+        client.resolve(&req).await,
+        Err(ResolveError::Unavailable(_))
+    ));
     assert_eq!(fake.calls.load(Ordering::SeqCst), 3, "one probe");
     let err = client.resolve(&req).await.unwrap_err();
-    assert!(matches!(err, ResolveError::Unavailable(ref m) if m.contains("circuit")), "{err:?}");
+    assert!(
+        matches!(err, ResolveError::Unavailable(ref m) if m.contains("circuit")),
+        "{err:?}"
+    );
     assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
 }
 
 #[test]
 fn invalid_base_urls_are_refused() {
-    assert!(BcsClient::new("not a url", BcsSettings::default(), DependencyGraph::builtin()).is_err());
-    assert!(BcsClient::new("ftp://x", BcsSettings::default(), DependencyGraph::builtin()).is_err());
+    assert!(BcsClient::new(
+        "not a url",
+        BcsSettings::default(),
+        DependencyGraph::builtin()
+    )
+    .is_err());
+    assert!(BcsClient::new(
+        "ftp://x",
+        BcsSettings::default(),
+        DependencyGraph::builtin()
+    )
+    .is_err());
 }

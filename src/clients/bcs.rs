@@ -75,8 +75,12 @@ enum AttemptError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BreakerState {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One probe is in flight; everyone else is refused until it answers.
     HalfOpen,
 }
@@ -153,7 +157,11 @@ pub struct BcsClient {
 
 impl BcsClient {
     /// `graph` supplies each answered phase's dependencies (the service answers names only).
-    pub fn new(base_url: &str, settings: BcsSettings, graph: DependencyGraph) -> Result<Self, BcsError> {
+    pub fn new(
+        base_url: &str,
+        settings: BcsSettings,
+        graph: DependencyGraph,
+    ) -> Result<Self, BcsError> {
         let invalid = |reason: String| BcsError::InvalidUrl {
             url: base_url.to_owned(),
             reason,
@@ -213,7 +221,8 @@ impl BcsClient {
                             Ok(pipeline)
                         }
                         Err(e) => {
-                            metrics::counter!("bcs_calls_total", "result" => "invalid").increment(1);
+                            metrics::counter!("bcs_calls_total", "result" => "invalid")
+                                .increment(1);
                             Err(e)
                         }
                     };
@@ -279,7 +288,10 @@ fn describe(e: &reqwest::Error) -> String {
 
 /// Turns the service's phase names into a pipeline: each phase depends on all its direct
 /// dependencies in the graph, as the core expects. An empty list means everything is done already.
-fn pipeline_from_names(graph: &DependencyGraph, names: &[String]) -> Result<ResolvedPipeline, ResolveError> {
+fn pipeline_from_names(
+    graph: &DependencyGraph,
+    names: &[String],
+) -> Result<ResolvedPipeline, ResolveError> {
     let mut phases: Vec<ResolvedPhase> = Vec::with_capacity(names.len());
     for name in names {
         let unknown = || ResolveError::InvalidAnswer(format!("unknown pipeline phase '{name}'"));
@@ -289,13 +301,19 @@ fn pipeline_from_names(graph: &DependencyGraph, names: &[String]) -> Result<Reso
             .ok_or_else(unknown)?;
         let depends_on = graph.direct_deps(phase).ok_or_else(unknown)?.to_vec();
         if phases.iter().any(|p| p.phase == phase) {
-            return Err(ResolveError::InvalidAnswer(format!("phase '{name}' listed twice")));
+            return Err(ResolveError::InvalidAnswer(format!(
+                "phase '{name}' listed twice"
+            )));
         }
         phases.push(ResolvedPhase { phase, depends_on });
     }
     // A dependency listed after its dependant would be dispatched too late.
     for (i, p) in phases.iter().enumerate() {
-        if let Some(late) = p.depends_on.iter().find(|d| phases[i..].iter().any(|q| q.phase == **d)) {
+        if let Some(late) = p
+            .depends_on
+            .iter()
+            .find(|d| phases[i..].iter().any(|q| q.phase == **d))
+        {
             return Err(ResolveError::InvalidAnswer(format!(
                 "phase '{}' is listed before its dependency '{late}'",
                 p.phase
@@ -306,7 +324,10 @@ fn pipeline_from_names(graph: &DependencyGraph, names: &[String]) -> Result<Reso
 }
 
 impl PipelineResolver for BcsClient {
-    fn resolve<'a>(&'a self, request: &'a ResolveRequest) -> BoxFuture<'a, Result<ResolvedPipeline, ResolveError>> {
+    fn resolve<'a>(
+        &'a self,
+        request: &'a ResolveRequest,
+    ) -> BoxFuture<'a, Result<ResolvedPipeline, ResolveError>> {
         Box::pin(self.define(request))
     }
 }
@@ -328,7 +349,10 @@ mod tests {
         assert!(breaker.admit(later), "one probe after the cool-down");
         assert!(!breaker.admit(later), "only one probe at a time");
         breaker.failure(later);
-        assert!(!breaker.admit(later + Duration::from_millis(10)), "a failed probe reopens");
+        assert!(
+            !breaker.admit(later + Duration::from_millis(10)),
+            "a failed probe reopens"
+        );
         let much_later = later + Duration::from_millis(120);
         assert!(breaker.admit(much_later));
         breaker.success();
@@ -338,9 +362,16 @@ mod tests {
     #[test]
     fn names_become_phases_with_graph_dependencies() {
         let graph = DependencyGraph::builtin();
-        let pipeline = pipeline_from_names(&graph, &["spellcheck".into(), "nlp".into(), "ai_feedback".into()]).unwrap();
+        let pipeline = pipeline_from_names(
+            &graph,
+            &["spellcheck".into(), "nlp".into(), "ai_feedback".into()],
+        )
+        .unwrap();
         let phases: Vec<_> = pipeline.phases.iter().map(|p| p.phase).collect();
-        assert_eq!(phases, vec![PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::AiFeedback]);
+        assert_eq!(
+            phases,
+            vec![PhaseName::Spellcheck, PhaseName::Nlp, PhaseName::AiFeedback]
+        );
         assert!(pipeline.phases[0].depends_on.is_empty());
         assert_eq!(pipeline.phases[1].depends_on, vec![PhaseName::Spellcheck]);
         assert!(matches!(

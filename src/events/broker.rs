@@ -109,7 +109,9 @@ impl EmbeddedBroker {
         make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> Command,
     ) -> Result<(), BrokerError> {
         let (tx, rx) = mpsc::channel();
-        self.commands.send(make(tx)).map_err(|_| BrokerError::Gone)?;
+        self.commands
+            .send(make(tx))
+            .map_err(|_| BrokerError::Gone)?;
         rx.recv()
             .map_err(|_| BrokerError::Gone)?
             .map_err(BrokerError::Control)

@@ -66,20 +66,39 @@ impl Default for RelayConfig {
 
 /// Told when a phase command reached the broker, so the phase can move to IN_PROGRESS.
 pub trait DeliveryListener: Send + Sync {
-    fn command_delivered(&self, batch_id: BatchId, phase: PhaseName, attempt: Attempt) -> BoxFuture<'_, ()>;
+    fn command_delivered(
+        &self,
+        batch_id: BatchId,
+        phase: PhaseName,
+        attempt: Attempt,
+    ) -> BoxFuture<'_, ()>;
 }
 
 impl DeliveryListener for Orchestrator {
-    fn command_delivered(&self, batch_id: BatchId, phase: PhaseName, attempt: Attempt) -> BoxFuture<'_, ()> {
+    fn command_delivered(
+        &self,
+        batch_id: BatchId,
+        phase: PhaseName,
+        attempt: Attempt,
+    ) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            match self.handle(batch_id, Input::PhaseCommandDelivered { phase, attempt }, None).await {
+            match self
+                .handle(
+                    batch_id,
+                    Input::PhaseCommandDelivered { phase, attempt },
+                    None,
+                )
+                .await
+            {
                 Ok(_) => {}
                 // The phase moved on already (an outcome or a timeout came first): nothing to record.
                 Err(OrchestratorError::Rejected(r)) => {
                     tracing::debug!(%batch_id, %phase, %attempt, reason = %r, "delivery report not applied")
                 }
                 // The phase stays DISPATCH_INITIATED; the timeout scanner covers it either way.
-                Err(e) => tracing::warn!(%batch_id, %phase, %attempt, error = %e, "cannot record command delivery"),
+                Err(e) => {
+                    tracing::warn!(%batch_id, %phase, %attempt, error = %e, "cannot record command delivery")
+                }
             }
         })
     }
@@ -143,7 +162,10 @@ impl Relay {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", config.delivery_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                config.delivery_timeout.as_millis().to_string(),
+            )
             .set("client.id", "bos-outbox-relay")
             .create()?;
         Ok(Self {
@@ -181,7 +203,11 @@ impl Relay {
                 Ok(report) => {
                     failures = failures.saturating_add(1);
                     pause = self.backoff(failures);
-                    tracing::warn!(failed = report.failed, pause_ms = pause.as_millis() as u64, "outbox publish failures; backing off");
+                    tracing::warn!(
+                        failed = report.failed,
+                        pause_ms = pause.as_millis() as u64,
+                        "outbox publish failures; backing off"
+                    );
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -236,7 +262,10 @@ impl Relay {
     /// Claims due rows, publishes them, waits for every delivery report, then marks the
     /// delivered ones published and hands the failed ones back to the store.
     pub async fn publish_round(&self) -> Result<RoundReport, RelayError> {
-        let rows = self.store.claim_due(self.config.batch_size, Utc::now()).await?;
+        let rows = self
+            .store
+            .claim_due(self.config.batch_size, Utc::now())
+            .await?;
         let mut report = RoundReport {
             claimed: rows.len(),
             ..RoundReport::default()
@@ -245,7 +274,10 @@ impl Relay {
             return Ok(report);
         }
         // A failure here leaves the rows leased; they come back when the lease runs out.
-        self.store.faults().hit(FaultPoint::AfterClaim).map_err(StoreError::from)?;
+        self.store
+            .faults()
+            .hit(FaultPoint::AfterClaim)
+            .map_err(StoreError::from)?;
 
         let outcomes = join_all(rows.iter().map(|row| self.publish(row))).await;
         let (mut delivered, mut failed) = (Vec::new(), Vec::new());
@@ -257,7 +289,10 @@ impl Relay {
         }
         // Published but not marked: the rows go out again after the lease, with the same event
         // ids, which consumers dedupe.
-        self.store.faults().hit(FaultPoint::AfterPublishBeforeMark).map_err(StoreError::from)?;
+        self.store
+            .faults()
+            .hit(FaultPoint::AfterPublishBeforeMark)
+            .map_err(StoreError::from)?;
 
         let ids: Vec<i64> = delivered.iter().map(|r| r.id).collect();
         self.store.mark_published(&ids, Utc::now()).await?;
@@ -266,7 +301,11 @@ impl Relay {
 
         for (row, reason) in &failed {
             metrics::counter!("relay_publish_errors").increment(1);
-            match self.store.record_failure(row.id, reason, Utc::now()).await? {
+            match self
+                .store
+                .record_failure(row.id, reason, Utc::now())
+                .await?
+            {
                 FailureOutcome::Parked => {
                     tracing::error!(id = row.id, event_id = %row.event_id, topic = %row.topic, %reason, "outbox row parked after repeated failures");
                     self.refresh_parked_gauge().await;
@@ -301,7 +340,10 @@ impl Relay {
             .key(row.key.as_bytes())
             .payload(&row.payload)
             .headers(headers);
-        let delivery = self.producer.send_result(record).map_err(|(e, _)| e.to_string())?;
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e.to_string())?;
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(e.to_string()),
@@ -333,7 +375,10 @@ mod tests {
             topic: "t".into(),
             key: key.into(),
             payload: vec![],
-            headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
             created_at: Utc::now(),
             attempts: 0,
         }
@@ -349,6 +394,8 @@ mod tests {
         assert_eq!(a.get(), 2);
         assert!(phase_command_of(&row(&[("event_id", "x")], &batch)).is_none());
         assert!(phase_command_of(&row(&[("phase", "nlp"), ("attempt", "0")], &batch)).is_none());
-        assert!(phase_command_of(&row(&[("phase", "nlp"), ("attempt", "1")], "not-a-uuid")).is_none());
+        assert!(
+            phase_command_of(&row(&[("phase", "nlp"), ("attempt", "1")], "not-a-uuid")).is_none()
+        );
     }
 }

@@ -29,7 +29,11 @@ impl ScannerConfig {
 }
 
 /// Scans until `shutdown` resolves.
-pub async fn run(orchestrator: Arc<Orchestrator>, config: ScannerConfig, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    orchestrator: Arc<Orchestrator>,
+    config: ScannerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -39,11 +43,18 @@ pub async fn run(orchestrator: Arc<Orchestrator>, config: ScannerConfig, shutdow
             _ = ticker.tick() => {}
         }
         loop {
-            match orchestrator.time_out_overdue(config.phase_timeout, config.limit).await {
+            match orchestrator
+                .time_out_overdue(config.phase_timeout, config.limit)
+                .await
+            {
                 Ok(0) => break,
                 Ok(n) => {
                     metrics::counter!("phases_timed_out_total").increment(n as u64);
-                    tracing::warn!(count = n, timeout_secs = config.phase_timeout.as_secs(), "phases timed out");
+                    tracing::warn!(
+                        count = n,
+                        timeout_secs = config.phase_timeout.as_secs(),
+                        "phases timed out"
+                    );
                     if n < config.limit as usize {
                         break;
                     }

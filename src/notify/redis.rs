@@ -6,17 +6,25 @@
 //! counts the failure and the committed change stands.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use uuid::Uuid;
 
+use tokio::sync::mpsc;
+
 use super::feed::ChangeFeed;
 use crate::core::effect::{Effect, Notification};
-use crate::core::ids::BatchId;
-use crate::core::ports::Applied;
+use crate::core::ids::{BatchId, UserId};
+use crate::core::model::BatchAggregate;
+use crate::core::ports::{
+    Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
+};
 
 /// Channel carrying the ids of changed batches between replicas.
 pub const CHANGES_CHANNEL: &str = "bos:batch-changes";
@@ -55,7 +63,9 @@ impl<'a> PhaseConcludedMessage<'a> {
             batch_id: n.batch_id.to_string(),
             phase: n.phase.as_str(),
             status: n.status.as_str(),
-            timestamp: n.timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            timestamp: n
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             correlation_id: n.correlation_id.to_string(),
         }
     }
@@ -74,7 +84,9 @@ pub struct RedisNotifier {
 
 impl std::fmt::Debug for RedisNotifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisNotifier").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("RedisNotifier")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -82,7 +94,8 @@ impl RedisNotifier {
     /// Does not connect: the connection is made on first use and re-made after failures, so a
     /// Redis that is down at start-up does not stop BOS.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self, NotifyError> {
-        let client = redis::Client::open(url).map_err(|e| NotifyError::InvalidUrl(e.to_string()))?;
+        let client =
+            redis::Client::open(url).map_err(|e| NotifyError::InvalidUrl(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
@@ -114,34 +127,30 @@ impl RedisNotifier {
         Ok(())
     }
 
-    pub async fn publish_notification(&self, notification: &Notification) -> Result<(), NotifyError> {
+    pub async fn publish_notification(
+        &self,
+        notification: &Notification,
+    ) -> Result<(), NotifyError> {
         let json = serde_json::to_string(&PhaseConcludedMessage::new(notification))?;
-        self.publish(self.user_channel(notification.user_id.as_str()), json).await
+        self.publish(self.user_channel(notification.user_id.as_str()), json)
+            .await
     }
 
     pub async fn publish_change(&self, batch_id: BatchId) -> Result<(), NotifyError> {
-        self.publish(self.changes_channel(), format!("{}|{batch_id}", self.origin)).await
-    }
-
-    /// After a committed change: every notification effect to its user, and the batch id to the
-    /// other replicas. Failures are logged and counted, never returned: the change is committed.
-    pub async fn after_commit(&self, batch_id: BatchId, applied: &Applied) {
-        let Applied::Changed { effects, .. } = applied else {
-            return;
-        };
-        for effect in effects {
-            if let Effect::Notify(notification) = effect {
-                self.report("notification", self.publish_notification(notification).await);
-            }
-        }
-        self.report("change", self.publish_change(batch_id).await);
+        self.publish(
+            self.changes_channel(),
+            format!("{}|{batch_id}", self.origin),
+        )
+        .await
     }
 
     fn report(&self, kind: &'static str, result: Result<(), NotifyError>) {
         match result {
-            Ok(()) => metrics::counter!("redis_publish_total", "kind" => kind, "result" => "ok").increment(1),
+            Ok(()) => metrics::counter!("redis_publish_total", "kind" => kind, "result" => "ok")
+                .increment(1),
             Err(e) => {
-                metrics::counter!("redis_publish_total", "kind" => kind, "result" => "error").increment(1);
+                metrics::counter!("redis_publish_total", "kind" => kind, "result" => "error")
+                    .increment(1);
                 tracing::warn!(error = %e, kind, "redis publish failed; the committed change stands");
             }
         }
@@ -203,6 +212,109 @@ impl RedisNotifier {
     }
 }
 
+/// What the publisher task sends, in commit order.
+#[derive(Debug)]
+enum Outgoing {
+    Notification(Notification),
+    Change(BatchId),
+}
+
+/// Hands committed changes to a background task that publishes them in order, so a slow or
+/// absent Redis never delays a unit of work. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RedisPublisher {
+    tx: mpsc::Sender<Outgoing>,
+}
+
+impl RedisNotifier {
+    /// Starts the publishing task; it ends when every `RedisPublisher` clone is dropped.
+    pub fn spawn_publisher(self, capacity: usize) -> (RedisPublisher, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(capacity.max(1));
+        let task = tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                match item {
+                    Outgoing::Notification(n) => {
+                        self.report("notification", self.publish_notification(&n).await)
+                    }
+                    Outgoing::Change(id) => self.report("change", self.publish_change(id).await),
+                }
+            }
+        });
+        (RedisPublisher { tx }, task)
+    }
+}
+
+impl RedisPublisher {
+    /// Queues the notifications of a committed change and its announcement; drops them (counted)
+    /// when the queue is full because Redis is slow or down.
+    pub fn after_commit(&self, batch_id: BatchId, applied: &Applied) {
+        let Applied::Changed { effects, .. } = applied else {
+            return;
+        };
+        let notifications = effects.iter().filter_map(|e| match e {
+            Effect::Notify(n) => Some(Outgoing::Notification(n.clone())),
+            Effect::Publish(_) => None,
+        });
+        for item in notifications.chain(std::iter::once(Outgoing::Change(batch_id))) {
+            if self.tx.try_send(item).is_err() {
+                metrics::counter!("redis_publish_dropped_total").increment(1);
+                tracing::warn!(%batch_id, "redis publish queue full; notification dropped");
+            }
+        }
+    }
+}
+
+/// A repository decorator that hands every committed change to a `RedisPublisher`.
+pub struct PublishingRepository<R: ?Sized> {
+    inner: Arc<R>,
+    publisher: RedisPublisher,
+}
+
+impl<R: BatchRepository + ?Sized> PublishingRepository<R> {
+    pub fn new(inner: Arc<R>, publisher: RedisPublisher) -> Self {
+        Self { inner, publisher }
+    }
+}
+
+impl<R: BatchRepository + ?Sized> BatchRepository for PublishingRepository<R> {
+    fn apply<'a>(
+        &'a self,
+        unit: UnitOfWork,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Applied, RepositoryError>> {
+        Box::pin(async move {
+            let batch_id = unit.batch_id;
+            let applied = self.inner.apply(unit, now).await?;
+            self.publisher.after_commit(batch_id, &applied);
+            Ok(applied)
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        self.inner.load(batch_id)
+    }
+
+    fn list_batches<'a>(
+        &'a self,
+        owner: &'a UserId,
+        page_size: u32,
+        page_token: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<BatchPage, RepositoryError>> {
+        self.inner.list_batches(owner, page_size, page_token)
+    }
+
+    fn timed_out_phases<'a>(
+        &'a self,
+        dispatched_before: DateTime<Utc>,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>> {
+        self.inner.timed_out_phases(dispatched_before, limit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,8 +323,14 @@ mod tests {
     fn own_announcements_are_ignored() {
         let notifier = RedisNotifier::new("redis://127.0.0.1:1", "t:").unwrap();
         let id = BatchId::from_uuid(Uuid::now_v7());
-        assert_eq!(notifier.remote_change(&format!("{}|{id}", notifier.origin)), None);
-        assert_eq!(notifier.remote_change(&format!("{}|{id}", Uuid::now_v7())), Some(id));
+        assert_eq!(
+            notifier.remote_change(&format!("{}|{id}", notifier.origin)),
+            None
+        );
+        assert_eq!(
+            notifier.remote_change(&format!("{}|{id}", Uuid::now_v7())),
+            Some(id)
+        );
         assert_eq!(notifier.remote_change("garbage"), None);
         assert_eq!(notifier.user_channel("u1"), "t:ws:u1");
     }
