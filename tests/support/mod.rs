@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod kafka;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
