@@ -4,6 +4,7 @@
 //! The mock cluster is a raw handle that is not `Send`, so it lives on a thread of its own; the
 //! rest of the program talks to that thread through a command channel.
 
+use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
@@ -158,6 +159,29 @@ impl Drop for EmbeddedBroker {
     }
 }
 
+/// `bos dev-broker`: hosts an embedded broker until `shutdown` resolves and prints the address
+/// other processes put in `BOS_KAFKA_BROKERS`. With `port`, that address is fixed.
+pub async fn serve_dev_broker(
+    port: Option<u16>,
+    partitions: i32,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    let broker = EmbeddedBroker::start(BrokerOptions {
+        brokers: 1,
+        partitions,
+    })?;
+    let address = match port {
+        Some(port) => broker.forward_port(port)?.to_string(),
+        None => broker.bootstrap_servers().to_owned(),
+    };
+    println!("BOS_KAFKA_BROKERS={address}");
+    tracing::info!(%address, topics = all_topics().len(), partitions, "embedded Kafka-protocol broker running; Ctrl-C stops it");
+    shutdown.await;
+    // The mock cluster lives on its own thread; dropping joins it, so do that off the runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(broker)).await;
+    Ok(())
+}
+
 fn forward(client: TcpStream, target: &str) -> io::Result<()> {
     let server = TcpStream::connect(target)?;
     let (mut client_r, mut server_w) = (client.try_clone()?, server.try_clone()?);
@@ -238,5 +262,21 @@ mod tests {
         broker.set_down(true).unwrap();
         broker.set_down(false).unwrap();
         broker.create_topic("bos.test.extra", 2).unwrap();
+    }
+
+    #[test]
+    fn a_fixed_port_forwards_to_the_cluster() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let broker = EmbeddedBroker::start(BrokerOptions::default()).unwrap();
+        let addr = broker.forward_port(0).unwrap();
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", addr.to_string())
+            .create()
+            .unwrap();
+        let topic = &proto::event_topics()[0].1;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(metadata.topics()[0].partitions().len(), 3);
     }
 }
