@@ -2,6 +2,8 @@
 //! with the built-in resolver, outbox relay, consumer with dedupe and dead letters) on a mock cluster, a fresh
 //! PostgreSQL database and optionally Redis; plus a driver that plays the other services for one batch.
 
+#![allow(dead_code)] // shared by several test crates, each using a part
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -302,6 +304,20 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Whatever else BOS publishes for this batch until nothing more comes for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<ReadRecord> {
+        let key = self.batch_id.to_string();
+        let records: Vec<ReadRecord> = self
+            .reader
+            .drain(quiet)
+            .await
+            .into_iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_str()))
+            .collect();
+        self.seen.extend(records.iter().cloned());
+        records
+    }
+
     pub fn topics_seen(&self) -> Vec<String> {
         self.seen.iter().map(|r| r.topic.clone()).collect()
     }
@@ -515,13 +531,16 @@ pub struct Shape {
     pub runs: Vec<RunShape>,
 }
 
+/// (phase, status, attempt, (total, succeeded, failed), error).
+pub type PhaseShape = (PhaseName, String, u32, (u32, u32, u32), Option<String>);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunShape {
     pub requested: PhaseName,
     pub is_retry: bool,
     pub status: String,
     pub counts: (u32, u32),
-    pub phases: Vec<(PhaseName, String, u32, (u32, u32, u32), Option<String>)>,
+    pub phases: Vec<PhaseShape>,
 }
 
 pub fn shape(agg: &BatchAggregate, essays: &[EssayId]) -> Shape {
@@ -557,7 +576,7 @@ pub fn shape(agg: &BatchAggregate, essays: &[EssayId]) -> Shape {
             )
         })
         .collect();
-    results.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    results.sort_by_key(|r| (r.0, r.1, r.2));
     Shape {
         status: agg.batch.status,
         essays_ready_pending: agg.batch.essays_ready_pending,
