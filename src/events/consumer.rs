@@ -237,6 +237,9 @@ impl EventConsumer {
         let _ = stop_tx.send(true);
         drop(workers);
         while tasks.join_next().await.is_some() {}
+        // Closing leaves the group, which waits on the broker; keep that off the async workers.
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         tracing::info!("consumer stopped");
     }
 
