@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
+use prost_reflect::{FieldDescriptor, FileDescriptor, Kind, MessageDescriptor};
 use serde_json::{json, Map, Value};
 
 use super::transcode::Rules;
@@ -26,6 +26,9 @@ pub fn document(rules: &Rules) -> Value {
             json!(format!("{}_{}", service.name(), method.name())),
         );
         operation.insert("tags".into(), json!([service.name()]));
+        if let Some(text) = comment(&method.parent_file(), method.path()) {
+            operation.insert("description".into(), json!(text));
+        }
         let parameters: Vec<Value> = variables
             .iter()
             .map(|name| {
@@ -131,9 +134,42 @@ fn message_schema(
         if skip.iter().any(|s| s == field.name()) {
             continue;
         }
-        properties.insert(field.json_name().to_owned(), field_schema(&field, schemas));
+        let mut schema = field_schema(&field, schemas);
+        if let (Some(text), Value::Object(map)) =
+            (comment(&field.parent_file(), field.path()), &mut schema)
+        {
+            // `$ref` siblings are ignored by OpenAPI 3.0 tools, so only inline schemas get the text.
+            if !map.contains_key("$ref") {
+                map.insert("description".into(), json!(text));
+            }
+        }
+        properties.insert(field.json_name().to_owned(), schema);
     }
-    json!({"type": "object", "properties": properties, "additionalProperties": false})
+    let mut schema = json!({"type": "object", "properties": properties});
+    if let Some(text) = comment(&message.parent_file(), message.path()) {
+        schema["description"] = json!(text);
+    }
+    schema
+}
+
+/// The leading comment of the element at `path` in `file`, one line per comment line.
+fn comment(file: &FileDescriptor, path: &[i32]) -> Option<String> {
+    let proto = file.file_descriptor_proto();
+    let location = proto
+        .source_code_info
+        .as_ref()?
+        .location
+        .iter()
+        .find(|l| l.path == path)?;
+    let text = location
+        .leading_comments
+        .as_deref()?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    (!text.is_empty()).then_some(text)
 }
 
 fn field_schema(field: &FieldDescriptor, schemas: &mut BTreeMap<String, Value>) -> Value {

@@ -40,6 +40,8 @@ pub struct ApiStack {
 
 impl ApiStack {
     pub fn new(config: &Config) -> Result<Self, StackError> {
+        // Install the recorder now: what is recorded before it exists is lost.
+        super::metrics::prometheus_handle();
         let auth = Arc::new(Authenticator::new(
             &config.jwt,
             config.internal_api_key.as_ref(),
