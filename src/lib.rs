@@ -3,7 +3,9 @@
 //! `core` is the pure domain; every other module is an adapter that depends on it, never the other way round.
 
 pub mod api;
+pub mod app;
 pub mod clients;
+pub mod config;
 pub mod core;
 pub mod events;
 pub mod notify;

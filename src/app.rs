@@ -1,0 +1,336 @@
+//! The composition root: builds the adapters from the configuration, hands them to the core,
+//! serves the API and shuts everything down in order.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use tokio::net::TcpListener;
+use tonic::service::RoutesBuilder;
+
+use crate::api;
+use crate::api::health::Health;
+use crate::api::stack::ApiStack;
+use crate::config::Config;
+use crate::core::graph::BuiltinResolver;
+use crate::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
+use crate::core::ports::{BatchRepository, PipelineResolver};
+use crate::events::codec::ProtobufEffectEncoder;
+use crate::clients::bcs::{BcsClient, BcsSettings};
+use crate::core::graph::DependencyGraph;
+use crate::events::broker::{BrokerOptions, EmbeddedBroker};
+use crate::events::consumer::{ConsumerSettings, EventConsumer};
+use crate::events::dedupe::{Dedupe, DedupeConfig};
+use crate::events::dlq::DlqPublisher;
+use crate::events::handlers::EventHandler;
+use crate::events::relay::{DeliveryListener, Relay, RelayConfig};
+use crate::events::scanner::{self, ScannerConfig};
+use crate::notify::feed::{ChangeFeed, NotifyingRepository};
+use crate::notify::redis::{PublishingRepository, RedisNotifier};
+use crate::store::Store;
+
+/// How long open requests and streams may run on after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors that stop the process.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The listen address could not be bound.
+    #[error("BOS_LISTEN_ADDR: cannot listen on {addr}")]
+    Bind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The directory of the SQLite database file could not be created.
+    #[error("BOS_DATABASE_URL: cannot create the SQLite directory {path}")]
+    DataDir {
+        /// The configured directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Connecting to or migrating the database failed.
+    #[error("database")]
+    Database(#[from] sea_orm::DbErr),
+    /// The server could not be built or failed while serving.
+    #[error(transparent)]
+    Server(#[from] api::server::ServerError),
+    /// The store could not be opened or migrated.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The API could not be assembled (auth keys, HTTP rules).
+    #[error("api: {0}")]
+    Api(#[from] api::stack::StackError),
+    /// The embedded Kafka-protocol broker could not start.
+    #[error("embedded broker: {0}")]
+    Broker(#[from] crate::events::broker::BrokerError),
+    /// The outbox relay's producer could not be created.
+    #[error("outbox relay: {0}")]
+    Relay(#[from] crate::events::relay::RelayError),
+    /// The Redis URL is unusable.
+    #[error("redis: {0}")]
+    Redis(#[from] crate::notify::redis::NotifyError),
+    /// The Kafka consumer could not be created or subscribed.
+    #[error("kafka consumer: {0}")]
+    Consumer(#[from] crate::events::consumer::ConsumerError),
+    /// The dead-letter producer could not be created.
+    #[error("dead letters: {0}")]
+    Dlq(#[from] crate::events::dlq::DlqError),
+    /// The Redis URL of the dedupe fast path is unusable.
+    #[error("dedupe: {0}")]
+    Dedupe(#[from] crate::events::dedupe::DedupeError),
+    /// The Batch Conductor Service URL is unusable.
+    #[error("batch conductor: {0}")]
+    Bcs(#[from] crate::clients::bcs::BcsError),
+}
+
+/// `bos serve`: binds the configured address and runs until SIGINT or SIGTERM.
+pub async fn serve(config: Config) -> Result<(), AppError> {
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+    run(listener, config, shutdown_signal()).await
+}
+
+/// Runs the service on an already bound `listener` until `shutdown` resolves. Tests bind port 0
+/// and pass their own shutdown future.
+pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), AppError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    run_observed(listener, config, shutdown, |_| {}).await
+}
+
+/// The core of a running service, for the process that started it (black-box tests drive batches
+/// through the very orchestrator and change feed the server uses).
+#[derive(Clone)]
+pub struct Handles {
+    /// The orchestrator behind every RPC and consumed event.
+    pub orchestrator: Arc<Orchestrator>,
+    /// Announces every committed change.
+    pub feed: ChangeFeed,
+}
+
+/// [`run`], handing the [`Handles`] to `on_start` once they are built.
+pub async fn run_observed<F, H>(
+    listener: TcpListener,
+    config: Config,
+    shutdown: F,
+    on_start: H,
+) -> Result<(), AppError>
+where
+    F: Future<Output = ()> + Send + 'static,
+    H: FnOnce(Handles) + Send,
+{
+    let local_addr = listener
+        .local_addr()
+        .map_err(api::server::ServerError::Io)?;
+    tracing::info!(%config, "starting");
+
+    // Adapters (store, event plane, notifications, clients) are built here and their gRPC
+    // services registered on `grpc`; HTTP/JSON routes go into `http`.
+    let (health, health_service) = Health::new().await;
+    let mut grpc = RoutesBuilder::default();
+    grpc.add_service(health_service);
+    api::server::add_reflection(&mut grpc)?;
+    let http = axum::Router::new();
+
+    let store = open_store(&config).await?;
+    // Background tasks (relay, scanner, consumer, Redis) stop when this flips to true.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // Kafka: the configured brokers, else an in-process broker living as long as this function.
+    let (bootstrap, embedded_broker) = match &config.kafka_brokers {
+        Some(brokers) => (brokers.clone(), None),
+        None => {
+            let broker = EmbeddedBroker::start(BrokerOptions::default())?;
+            tracing::info!(bootstrap = broker.bootstrap_servers(), "no BOS_KAFKA_BROKERS: embedded broker started");
+            (broker.bootstrap_servers().to_owned(), Some(broker))
+        }
+    };
+    // Every committed change is announced on the feed (WatchBatch streams listen to it), and
+    // with Redis also published to the owner's channel and to the other replicas.
+    let feed = ChangeFeed::new();
+    let mut committed: Arc<dyn BatchRepository> = Arc::new(store.clone());
+    if let Some(url) = &config.redis_url {
+        let notifier = RedisNotifier::new(url.expose(), "")?;
+        tasks.push(tokio::spawn({
+            let (notifier, feed, stopped) = (notifier.clone(), feed.clone(), stopped());
+            async move { notifier.relay_changes(feed, stopped).await }
+        }));
+        let (publisher, publisher_task) = notifier.spawn_publisher(4096);
+        tasks.push(publisher_task);
+        committed = Arc::new(PublishingRepository::new(committed, publisher));
+    }
+    let repository: Arc<dyn BatchRepository> =
+        Arc::new(NotifyingRepository::new(committed, feed.clone()));
+    let resolver: Arc<dyn PipelineResolver> = match &config.bcs_url {
+        Some(url) => Arc::new(BcsClient::new(url, BcsSettings::default(), DependencyGraph::builtin())?),
+        None => Arc::new(BuiltinResolver::default()),
+    };
+    let orchestrator = Arc::new(Orchestrator::new(
+        repository,
+        resolver,
+        Arc::new(SystemClock),
+        Arc::new(UuidV7Generator),
+    ));
+    let relay = Relay::new(
+        store.clone(),
+        &bootstrap,
+        Some(Arc::clone(&orchestrator) as Arc<dyn DeliveryListener>),
+        RelayConfig::default(),
+    )?;
+    tasks.push(tokio::spawn(relay.handle().wake_on_changes(feed.clone(), stopped())));
+    tasks.push(tokio::spawn(relay.run(stopped())));
+    tasks.push(tokio::spawn(scanner::run(
+        Arc::clone(&orchestrator),
+        ScannerConfig::new(config.phase_timeout),
+        stopped(),
+    )));
+    // Consumed events: dedupe fast path (Redis, optional), dead letters, one group member.
+    let dedupe = match &config.redis_url {
+        Some(url) => Dedupe::redis(DedupeConfig::new(url.expose()))?,
+        None => Dedupe::disabled(),
+    };
+    let handler = EventHandler::new(Arc::clone(&orchestrator)).with_inbox(Arc::new(store.clone()));
+    let consumer = EventConsumer::new(
+        &ConsumerSettings::new(&bootstrap, &config.kafka_group),
+        handler,
+        dedupe,
+        DlqPublisher::new(&bootstrap, &[])?,
+    )?;
+    tasks.push(tokio::spawn(consumer.run(stopped())));
+    let api_stack = ApiStack::new(&config)?;
+    ApiStack::add_services(&mut grpc, Arc::clone(&orchestrator), feed.clone());
+    on_start(Handles {
+        orchestrator: Arc::clone(&orchestrator),
+        feed: feed.clone(),
+    });
+
+    let router = api::server::router(grpc.routes(), http, health.clone(), &api_stack);
+    health.set_serving(true).await;
+    tracing::info!(%local_addr, "serving gRPC, HTTP/JSON, /healthz and /metrics");
+
+    let drain_health = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested; draining");
+        drain_health.set_serving(false).await;
+    };
+    let served = api::server::serve(listener, router, shutdown, SHUTDOWN_GRACE).await;
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+            tracing::warn!("a background task did not stop in time");
+        }
+    }
+    if let Some(broker) = embedded_broker {
+        // Dropping joins the broker's thread; keep that off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(broker)).await;
+    }
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The store on the configured database, migrated, writing protobuf envelopes to the outbox.
+pub async fn open_store(config: &Config) -> Result<Store, AppError> {
+    if let Some(dir) = sqlite_dir(config.database_url.expose()) {
+        std::fs::create_dir_all(&dir).map_err(|source| AppError::DataDir { path: dir, source })?;
+    }
+    let store = Store::connect(config.database_url.expose())
+        .await?
+        .with_encoder(Arc::new(ProtobufEffectEncoder));
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// `bos migrate`: applies every pending migration to the configured database.
+pub async fn migrate(config: &Config) -> Result<(), AppError> {
+    let db = connect_database(config).await?;
+    Migrator::up(&db, None).await?;
+    let applied = Migrator::get_applied_migrations(&db).await?.len();
+    tracing::info!(applied, "database schema is up to date");
+    db.close().await?;
+    Ok(())
+}
+
+/// Connects to the configured database, first creating the directory of a SQLite file.
+pub async fn connect_database(config: &Config) -> Result<sea_orm::DatabaseConnection, AppError> {
+    if let Some(dir) = sqlite_dir(config.database_url.expose()) {
+        std::fs::create_dir_all(&dir).map_err(|source| AppError::DataDir { path: dir, source })?;
+    }
+    Ok(sea_orm::Database::connect(config.database_url.expose()).await?)
+}
+
+/// The directory holding the file of a `sqlite:` URL; `None` for other URLs and in-memory SQLite.
+fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let file = rest.split('?').next().unwrap_or_default();
+    if file.is_empty() || file.contains(":memory:") {
+        return None;
+    }
+    let parent = std::path::Path::new(file).parent()?;
+    (!parent.as_os_str().is_empty()).then(|| parent.to_owned())
+}
+
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_dir;
+
+    #[test]
+    fn sqlite_dir_is_the_parent_of_the_database_file() {
+        assert_eq!(
+            sqlite_dir("sqlite://.bos/bos.db?mode=rwc"),
+            Some(".bos".into())
+        );
+        assert_eq!(
+            sqlite_dir("sqlite:///var/lib/bos/x.db"),
+            Some("/var/lib/bos".into())
+        );
+        assert_eq!(sqlite_dir("sqlite:bos.db"), None);
+        assert_eq!(sqlite_dir("sqlite::memory:"), None);
+        assert_eq!(sqlite_dir("postgres://h/db"), None);
+    }
+}
