@@ -12,14 +12,14 @@ use tonic::service::RoutesBuilder;
 use crate::api;
 use crate::api::health::Health;
 use crate::api::stack::ApiStack;
+use crate::clients::bcs::{BcsClient, BcsSettings};
 use crate::config::Config;
 use crate::core::graph::BuiltinResolver;
+use crate::core::graph::DependencyGraph;
 use crate::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use crate::core::ports::{BatchRepository, PipelineResolver};
-use crate::events::codec::ProtobufEffectEncoder;
-use crate::clients::bcs::{BcsClient, BcsSettings};
-use crate::core::graph::DependencyGraph;
 use crate::events::broker::{BrokerOptions, EmbeddedBroker};
+use crate::events::codec::ProtobufEffectEncoder;
 use crate::events::consumer::{ConsumerSettings, EventConsumer};
 use crate::events::dedupe::{Dedupe, DedupeConfig};
 use crate::events::dlq::DlqPublisher;
@@ -59,31 +59,31 @@ pub enum AppError {
     #[error(transparent)]
     Server(#[from] api::server::ServerError),
     /// The store could not be opened or migrated.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] crate::store::StoreError),
     /// The API could not be assembled (auth keys, HTTP rules).
-    #[error("api: {0}")]
+    #[error("api")]
     Api(#[from] api::stack::StackError),
     /// The embedded Kafka-protocol broker could not start.
-    #[error("embedded broker: {0}")]
+    #[error("embedded broker")]
     Broker(#[from] crate::events::broker::BrokerError),
     /// The outbox relay's producer could not be created.
-    #[error("outbox relay: {0}")]
+    #[error("outbox relay")]
     Relay(#[from] crate::events::relay::RelayError),
     /// The Redis URL is unusable.
-    #[error("redis: {0}")]
+    #[error("redis")]
     Redis(#[from] crate::notify::redis::NotifyError),
     /// The Kafka consumer could not be created or subscribed.
-    #[error("kafka consumer: {0}")]
+    #[error("kafka consumer")]
     Consumer(#[from] crate::events::consumer::ConsumerError),
     /// The dead-letter producer could not be created.
-    #[error("dead letters: {0}")]
+    #[error("dead letters")]
     Dlq(#[from] crate::events::dlq::DlqError),
     /// The Redis URL of the dedupe fast path is unusable.
-    #[error("dedupe: {0}")]
+    #[error("dedupe")]
     Dedupe(#[from] crate::events::dedupe::DedupeError),
     /// The Batch Conductor Service URL is unusable.
-    #[error("batch conductor: {0}")]
+    #[error("batch conductor")]
     Bcs(#[from] crate::clients::bcs::BcsError),
 }
 
@@ -156,7 +156,10 @@ where
         Some(brokers) => (brokers.clone(), None),
         None => {
             let broker = EmbeddedBroker::start(BrokerOptions::default())?;
-            tracing::info!(bootstrap = broker.bootstrap_servers(), "no BOS_KAFKA_BROKERS: embedded broker started");
+            tracing::info!(
+                bootstrap = broker.bootstrap_servers(),
+                "no BOS_KAFKA_BROKERS: embedded broker started"
+            );
             (broker.bootstrap_servers().to_owned(), Some(broker))
         }
     };
@@ -177,7 +180,11 @@ where
     let repository: Arc<dyn BatchRepository> =
         Arc::new(NotifyingRepository::new(committed, feed.clone()));
     let resolver: Arc<dyn PipelineResolver> = match &config.bcs_url {
-        Some(url) => Arc::new(BcsClient::new(url, BcsSettings::default(), DependencyGraph::builtin())?),
+        Some(url) => Arc::new(BcsClient::new(
+            url,
+            BcsSettings::default(),
+            DependencyGraph::builtin(),
+        )?),
         None => Arc::new(BuiltinResolver::default()),
     };
     let orchestrator = Arc::new(Orchestrator::new(
@@ -192,7 +199,9 @@ where
         Some(Arc::clone(&orchestrator) as Arc<dyn DeliveryListener>),
         RelayConfig::default(),
     )?;
-    tasks.push(tokio::spawn(relay.handle().wake_on_changes(feed.clone(), stopped())));
+    tasks.push(tokio::spawn(
+        relay.handle().wake_on_changes(feed.clone(), stopped()),
+    ));
     tasks.push(tokio::spawn(relay.run(stopped())));
     tasks.push(tokio::spawn(scanner::run(
         Arc::clone(&orchestrator),
