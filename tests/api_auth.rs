@@ -1,8 +1,8 @@
 //! The authorisation matrix: missing, expired and forged tokens, another user's batch, and the internal API without
 //! or with a wrong key. Each answers the right code over gRPC and HTTP, reveals nothing, and changes nothing.
 
-mod support;
 mod api_support;
+mod support;
 
 use api_support::{authed, internal, ApiServer, INTERNAL_KEY, SECRET};
 use bos::config::{JwtKey, Secret};
@@ -25,17 +25,29 @@ fn expired_token() -> String {
         sub: &'a str,
         exp: u64,
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &Claims { sub: "alice", exp: now - 3600 },
+        &Claims {
+            sub: "alice",
+            exp: now - 3600,
+        },
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
 }
 
 fn forged_token() -> String {
-    bos::api::auth::mint_token(&JwtKey::Secret(Secret::new("some-other-secret-entirely")), "alice", None, 600).unwrap()
+    bos::api::auth::mint_token(
+        &JwtKey::Secret(Secret::new("some-other-secret-entirely")),
+        "alice",
+        None,
+        600,
+    )
+    .unwrap()
 }
 
 /// A batch of alice's whose spellcheck failed, so a retry would be legal for her.
@@ -90,7 +102,9 @@ async fn bad_credentials_are_unauthenticated_on_both_transports() {
         ("not a bearer", Some("Basic YWxpY2U6cHc=".to_owned())),
     ];
     for (case, header) in cases {
-        let status_request = pb::GetBatchStatusRequest { batch_id: id.clone() };
+        let status_request = pb::GetBatchStatusRequest {
+            batch_id: id.clone(),
+        };
         let request = match &header {
             Some(h) => with_header(status_request, "authorization", h),
             None => tonic::Request::new(status_request),
@@ -107,13 +121,19 @@ async fn bad_credentials_are_unauthenticated_on_both_transports() {
             Some(h) => with_header(retry, "authorization", h),
             None => tonic::Request::new(retry),
         };
-        assert_eq!(grpc.retry_phase(request).await.unwrap_err().code(), Code::Unauthenticated, "{case}");
+        assert_eq!(
+            grpc.retry_phase(request).await.unwrap_err().code(),
+            Code::Unauthenticated,
+            "{case}"
+        );
 
         let mut get = http.get(server.url(&format!("/v1/batches/{id}/status")));
         let mut post = http
             .post(server.url(&format!("/v1/batches/{id}/retry")))
             .json(&json!({"phase": "PHASE_NAME_SPELLCHECK"}));
-        let mut register = http.post(server.url("/v1/batches/register")).json(&json!({"expectedEssayCount": 1, "courseCode": "COURSE_CODE_ENG5"}));
+        let mut register = http
+            .post(server.url("/v1/batches/register"))
+            .json(&json!({"expectedEssayCount": 1, "courseCode": "COURSE_CODE_ENG5"}));
         if let Some(h) = &header {
             get = get.header("authorization", h);
             post = post.header("authorization", h);
@@ -124,7 +144,10 @@ async fn bad_credentials_are_unauthenticated_on_both_transports() {
             assert_eq!(response.status().as_u16(), 401, "{case}");
             let body: Value = response.json().await.unwrap();
             assert_eq!(body["code"], 16, "{case}: {body}");
-            assert!(!body.to_string().contains(&id), "{case}: nothing about the batch leaks");
+            assert!(
+                !body.to_string().contains(&id),
+                "{case}: nothing about the batch leaks"
+            );
         }
     }
     assert_eq!(server.load(batch_id).await, before, "nothing changed");
@@ -156,10 +179,18 @@ async fn another_users_batch_is_not_found_and_untouched() {
     // Bob's view of alice's batch must be indistinguishable from a batch that does not exist.
     for target in [id.clone(), missing.clone()] {
         let status = grpc
-            .get_batch_status(authed("bob", pb::GetBatchStatusRequest { batch_id: target.clone() }))
+            .get_batch_status(authed(
+                "bob",
+                pb::GetBatchStatusRequest {
+                    batch_id: target.clone(),
+                },
+            ))
             .await
             .unwrap_err();
-        assert_eq!((status.code(), status.message()), (Code::NotFound, "batch not found"));
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, "batch not found")
+        );
         let retry = grpc
             .retry_phase(authed(
                 "bob",
@@ -171,13 +202,24 @@ async fn another_users_batch_is_not_found_and_untouched() {
             ))
             .await
             .unwrap_err();
-        assert_eq!((retry.code(), retry.message()), (Code::NotFound, "batch not found"));
+        assert_eq!(
+            (retry.code(), retry.message()),
+            (Code::NotFound, "batch not found")
+        );
         let watch = grpc
-            .watch_batch(authed("bob", pb::WatchBatchRequest { batch_id: target.clone() }))
+            .watch_batch(authed(
+                "bob",
+                pb::WatchBatchRequest {
+                    batch_id: target.clone(),
+                },
+            ))
             .await
             .map(|_| ())
             .unwrap_err();
-        assert_eq!((watch.code(), watch.message()), (Code::NotFound, "batch not found"));
+        assert_eq!(
+            (watch.code(), watch.message()),
+            (Code::NotFound, "batch not found")
+        );
 
         let response = http
             .get(server.url(&format!("/v1/batches/{target}/status")))
@@ -187,7 +229,10 @@ async fn another_users_batch_is_not_found_and_untouched() {
             .unwrap();
         assert_eq!(response.status().as_u16(), 404);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body, json!({"code": 5, "message": "batch not found", "details": []}));
+        assert_eq!(
+            body,
+            json!({"code": 5, "message": "batch not found", "details": []})
+        );
     }
     let pipeline = grpc
         .request_pipeline(authed(
@@ -218,8 +263,16 @@ async fn another_users_batch_is_not_found_and_untouched() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 404);
 
-    assert_eq!(server.load(batch_id).await, before, "state and version unchanged");
-    assert_eq!(server.load(ready_id).await, ready_before, "state and version unchanged");
+    assert_eq!(
+        server.load(batch_id).await,
+        before,
+        "state and version unchanged"
+    );
+    assert_eq!(
+        server.load(ready_id).await,
+        ready_before,
+        "state and version unchanged"
+    );
 
     // The owner can do what bob could not.
     grpc.retry_phase(authed(
@@ -244,40 +297,87 @@ async fn internal_api_needs_the_right_key() {
     let http = reqwest::Client::new();
 
     let none = client
-        .get_pipeline_state(tonic::Request::new(pb::GetPipelineStateRequest { batch_id: id.clone() }))
+        .get_pipeline_state(tonic::Request::new(pb::GetPipelineStateRequest {
+            batch_id: id.clone(),
+        }))
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::Unauthenticated);
     let wrong = client
-        .get_pipeline_state(internal("api-tests-internal-key-0123456780", pb::GetPipelineStateRequest { batch_id: id.clone() }))
+        .get_pipeline_state(internal(
+            "api-tests-internal-key-0123456780",
+            pb::GetPipelineStateRequest {
+                batch_id: id.clone(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::Unauthenticated);
     // A user token is no internal credential.
     let user = client
-        .get_pipeline_state(authed("alice", pb::GetPipelineStateRequest { batch_id: id.clone() }))
+        .get_pipeline_state(authed(
+            "alice",
+            pb::GetPipelineStateRequest {
+                batch_id: id.clone(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(user.code(), Code::Unauthenticated);
 
     let url = server.url(&format!("/internal/v1/batches/{id}/pipeline-state"));
     assert_eq!(http.get(&url).send().await.unwrap().status().as_u16(), 401);
-    let response = http.get(&url).header("x-internal-api-key", "wrong").send().await.unwrap();
+    let response = http
+        .get(&url)
+        .header("x-internal-api-key", "wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 401);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], 16);
     assert!(!body.to_string().contains(&id));
 
     let ok = client
-        .get_pipeline_state(internal(INTERNAL_KEY, pb::GetPipelineStateRequest { batch_id: id.clone() }))
+        .get_pipeline_state(internal(
+            INTERNAL_KEY,
+            pb::GetPipelineStateRequest {
+                batch_id: id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(ok.batch.unwrap().batch_id, id);
-    assert_eq!(http.get(&url).header("x-internal-api-key", INTERNAL_KEY).send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        http.get(&url)
+            .header("x-internal-api-key", INTERNAL_KEY)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
 
     // Health, /healthz and /openapi.json stay open.
-    assert_eq!(http.get(server.url("/healthz")).send().await.unwrap().status().as_u16(), 200);
-    assert_eq!(http.get(server.url("/openapi.json")).send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        http.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        http.get(server.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     server.shutdown().await;
 }

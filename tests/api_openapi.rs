@@ -2,8 +2,8 @@
 //! this test fails when the committed copy is stale. Regenerate with `BOS_UPDATE_OPENAPI=1 cargo test --test
 //! api_openapi`.
 
-mod support;
 mod api_support;
+mod support;
 
 use api_support::ApiServer;
 use bos::api::openapi;

@@ -1,7 +1,7 @@
 //! Request ids, Prometheus metrics with bounded labels, and health over the real port.
 
-mod support;
 mod api_support;
+mod support;
 
 use api_support::{authed, ApiServer};
 use bos::proto::huleedu::bos::v1 as pb;
@@ -29,42 +29,76 @@ async fn request_ids_metrics_and_health() {
     assert_eq!(response.headers()["x-request-id"].len(), 36);
 
     let mut grpc = server.batches().await;
-    let mut request = authed("frank", pb::GetBatchStatusRequest { batch_id: batch_id.clone() });
-    request.metadata_mut().insert("x-request-id", "grpc-req-7".parse().unwrap());
+    let mut request = authed(
+        "frank",
+        pb::GetBatchStatusRequest {
+            batch_id: batch_id.clone(),
+        },
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", "grpc-req-7".parse().unwrap());
     let answer = grpc.get_batch_status(request).await.unwrap();
     assert_eq!(answer.metadata().get("x-request-id").unwrap(), "grpc-req-7");
     // Errors are counted with their code too.
     let missing = uuid::Uuid::now_v7().to_string();
-    grpc.get_batch_status(authed("frank", pb::GetBatchStatusRequest { batch_id: missing }))
-        .await
-        .unwrap_err();
+    grpc.get_batch_status(authed(
+        "frank",
+        pb::GetBatchStatusRequest { batch_id: missing },
+    ))
+    .await
+    .unwrap_err();
 
     let health = HealthClient::new(server.channel().await)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(health.status, ServingStatus::Serving as i32);
 
-    let metrics = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let has = |needles: &[&str]| {
         metrics
             .lines()
             .any(|l| l.starts_with("requests_total{") && needles.iter().all(|n| l.contains(n)))
     };
     assert!(
-        has(&["transport=\"http\"", "method=\"huleedu.bos.v1.BatchService/GetBatchStatus\"", "code=\"200\""]),
+        has(&[
+            "transport=\"http\"",
+            "method=\"huleedu.bos.v1.BatchService/GetBatchStatus\"",
+            "code=\"200\""
+        ]),
         "{metrics}"
     );
     assert!(
-        has(&["transport=\"grpc\"", "method=\"huleedu.bos.v1.BatchService/GetBatchStatus\"", "code=\"0\""]),
+        has(&[
+            "transport=\"grpc\"",
+            "method=\"huleedu.bos.v1.BatchService/GetBatchStatus\"",
+            "code=\"0\""
+        ]),
         "{metrics}"
     );
     assert!(
-        has(&["transport=\"grpc\"", "method=\"huleedu.bos.v1.BatchService/GetBatchStatus\"", "code=\"5\""]),
+        has(&[
+            "transport=\"grpc\"",
+            "method=\"huleedu.bos.v1.BatchService/GetBatchStatus\"",
+            "code=\"5\""
+        ]),
         "{metrics}"
     );
     assert!(metrics.contains("request_duration_seconds"), "{metrics}");
-    assert!(!metrics.contains(&batch_id), "batch ids never become labels");
+    assert!(
+        !metrics.contains(&batch_id),
+        "batch ids never become labels"
+    );
     server.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! Every RPC over gRPC and over HTTP/JSON gives the same answer for the same request.
 
-mod support;
 mod api_support;
+mod support;
 
 use api_support::{authed, internal, to_json, ApiServer, INTERNAL_KEY};
 use bos::proto::huleedu::bos::v1 as pb;
@@ -47,30 +47,58 @@ async fn every_rpc_answers_the_same_over_grpc_and_http() {
     assert_eq!(status, 200, "{over_http}");
     assert_eq!(over_http["essayIds"].as_array().map(Vec::len), Some(2));
     assert!(over_http["batchId"].is_string() && over_http["correlationId"].is_string());
-    let grpc_view = server.load(bos::core::ids::BatchId::parse("b", &over_grpc.batch_id).unwrap()).await;
+    let grpc_view = server
+        .load(bos::core::ids::BatchId::parse("b", &over_grpc.batch_id).unwrap())
+        .await;
     let http_view = server
         .load(bos::core::ids::BatchId::parse("b", over_http["batchId"].as_str().unwrap()).unwrap())
         .await;
     assert_eq!(grpc_view.batch.status, http_view.batch.status);
     assert_eq!(grpc_view.batch.class_id, http_view.batch.class_id);
-    assert_eq!(http_view.batch.owner.as_str(), "alice", "the owner comes from the token");
+    assert_eq!(
+        http_view.batch.owner.as_str(),
+        "alice",
+        "the owner comes from the token"
+    );
 
     // GetBatchStatus of a registered batch.
     let batch_id = server.ready_batch("alice", 3).await;
     let id = batch_id.to_string();
     let status_grpc = grpc
-        .get_batch_status(authed("alice", pb::GetBatchStatusRequest { batch_id: id.clone() }))
+        .get_batch_status(authed(
+            "alice",
+            pb::GetBatchStatusRequest {
+                batch_id: id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
-    let (code, status_http) =
-        http_json(http.get(server.url(&format!("/v1/batches/{id}/status"))).header("authorization", ApiServer::bearer("alice")).send().await.unwrap())
-            .await;
+    let (code, status_http) = http_json(
+        http.get(server.url(&format!("/v1/batches/{id}/status")))
+            .header("authorization", ApiServer::bearer("alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(code, 200);
-    assert_eq!(to_json("huleedu.bos.v1.GetBatchStatusResponse", &status_grpc), status_http);
-    assert_eq!(status_http["batch"]["status"], "BATCH_STATUS_READY_FOR_PIPELINE_EXECUTION");
-    assert!(status_http["batch"]["version"].is_string(), "int64 is a string in JSON");
-    assert!(status_http["batch"]["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        to_json("huleedu.bos.v1.GetBatchStatusResponse", &status_grpc),
+        status_http
+    );
+    assert_eq!(
+        status_http["batch"]["status"],
+        "BATCH_STATUS_READY_FOR_PIPELINE_EXECUTION"
+    );
+    assert!(
+        status_http["batch"]["version"].is_string(),
+        "int64 is a string in JSON"
+    );
+    assert!(status_http["batch"]["createdAt"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
 
     // RetryPhase rejection: nothing failed, so nothing can be retried — same code and details on both sides.
     let retry_grpc = grpc
@@ -97,7 +125,10 @@ async fn every_rpc_answers_the_same_over_grpc_and_http() {
     assert_eq!(code, 400);
     assert_eq!(retry_http["code"], retry_grpc.code() as i32);
     assert_eq!(retry_http["message"], retry_grpc.message());
-    assert_eq!(retry_http["details"][0]["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
+    assert_eq!(
+        retry_http["details"][0]["@type"],
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    );
     assert_eq!(retry_http["details"][0]["reason"], "NOT_RETRYABLE");
 
     // RequestPipeline: two equal batches, one asked over each transport.
@@ -128,7 +159,10 @@ async fn every_rpc_answers_the_same_over_grpc_and_http() {
     expected["runId"] = pipeline_http["runId"].clone();
     expected["correlationId"] = pipeline_http["correlationId"].clone();
     assert_eq!(expected, pipeline_http);
-    assert_eq!(pipeline_http["phases"], json!(["PHASE_NAME_SPELLCHECK", "PHASE_NAME_NLP"]));
+    assert_eq!(
+        pipeline_http["phases"],
+        json!(["PHASE_NAME_SPELLCHECK", "PHASE_NAME_NLP"])
+    );
     assert_eq!(pipeline_http["status"], "PIPELINE_RUN_STATUS_RUNNING");
 
     // A second request while the run is active is refused alike.
@@ -160,7 +194,12 @@ async fn every_rpc_answers_the_same_over_grpc_and_http() {
     let state_grpc = server
         .internal()
         .await
-        .get_pipeline_state(internal(INTERNAL_KEY, pb::GetPipelineStateRequest { batch_id: id.clone() }))
+        .get_pipeline_state(internal(
+            INTERNAL_KEY,
+            pb::GetPipelineStateRequest {
+                batch_id: id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -173,11 +212,23 @@ async fn every_rpc_answers_the_same_over_grpc_and_http() {
     )
     .await;
     assert_eq!(code, 200);
-    assert_eq!(to_json("huleedu.bos.v1.GetPipelineStateResponse", &state_grpc), state_http);
-    assert_eq!(state_http["batch"]["status"], "BATCH_STATUS_PROCESSING_PIPELINES");
-    let first_phase = state_http["batch"]["currentRun"]["phases"][0]["status"].as_str().unwrap();
+    assert_eq!(
+        to_json("huleedu.bos.v1.GetPipelineStateResponse", &state_grpc),
+        state_http
+    );
+    assert_eq!(
+        state_http["batch"]["status"],
+        "BATCH_STATUS_PROCESSING_PIPELINES"
+    );
+    let first_phase = state_http["batch"]["currentRun"]["phases"][0]["status"]
+        .as_str()
+        .unwrap();
     assert!(
-        ["PIPELINE_EXECUTION_STATUS_DISPATCH_INITIATED", "PIPELINE_EXECUTION_STATUS_IN_PROGRESS"].contains(&first_phase),
+        [
+            "PIPELINE_EXECUTION_STATUS_DISPATCH_INITIATED",
+            "PIPELINE_EXECUTION_STATUS_IN_PROGRESS"
+        ]
+        .contains(&first_phase),
         "{first_phase}"
     );
 

@@ -1,7 +1,7 @@
 //! Bad input is INVALID_ARGUMENT over gRPC and 400 over HTTP, naming every offending field, and stores nothing.
 
-mod support;
 mod api_support;
+mod support;
 
 use api_support::{authed, ApiServer};
 use bos::core::ids::UserId;
@@ -53,10 +53,37 @@ async fn bad_registrations_name_their_fields_and_store_nothing() {
     let mut grpc = server.batches().await;
 
     let grpc_cases = [
-        (pb::RegisterBatchRequest { expected_essay_count: 0, course_code: CourseCode::Eng5 as i32, ..Default::default() }, vec!["expected_essay_count"]),
-        (pb::RegisterBatchRequest { expected_essay_count: -4, course_code: CourseCode::Eng5 as i32, ..Default::default() }, vec!["expected_essay_count"]),
-        (pb::RegisterBatchRequest { expected_essay_count: 3, course_code: 99, ..Default::default() }, vec!["course_code"]),
-        (pb::RegisterBatchRequest { expected_essay_count: 3, ..Default::default() }, vec!["course_code"]),
+        (
+            pb::RegisterBatchRequest {
+                expected_essay_count: 0,
+                course_code: CourseCode::Eng5 as i32,
+                ..Default::default()
+            },
+            vec!["expected_essay_count"],
+        ),
+        (
+            pb::RegisterBatchRequest {
+                expected_essay_count: -4,
+                course_code: CourseCode::Eng5 as i32,
+                ..Default::default()
+            },
+            vec!["expected_essay_count"],
+        ),
+        (
+            pb::RegisterBatchRequest {
+                expected_essay_count: 3,
+                course_code: 99,
+                ..Default::default()
+            },
+            vec!["course_code"],
+        ),
+        (
+            pb::RegisterBatchRequest {
+                expected_essay_count: 3,
+                ..Default::default()
+            },
+            vec!["course_code"],
+        ),
         (
             pb::RegisterBatchRequest {
                 expected_essay_count: 0,
@@ -65,23 +92,53 @@ async fn bad_registrations_name_their_fields_and_store_nothing() {
                 cj_default_temperature: Some(7.5),
                 ..Default::default()
             },
-            vec!["assignment_id", "cj_default_temperature", "expected_essay_count"],
+            vec![
+                "assignment_id",
+                "cj_default_temperature",
+                "expected_essay_count",
+            ],
         ),
     ];
     for (request, expected) in grpc_cases {
-        let status = grpc.register_batch(authed("carol", request.clone())).await.unwrap_err();
+        let status = grpc
+            .register_batch(authed("carol", request.clone()))
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{request:?}");
         assert_eq!(fields(&status), expected, "{request:?}");
     }
 
     let http_cases = [
-        (json!({"expectedEssayCount": 0, "courseCode": "COURSE_CODE_ENG5"}).to_string(), vec!["expected_essay_count"]),
-        (json!({"expectedEssayCount": -1, "courseCode": "COURSE_CODE_ENG5"}).to_string(), vec!["expected_essay_count"]),
-        (json!({"expectedEssayCount": 2, "courseCode": "FR1"}).to_string(), vec!["course_code"]),
-        (json!({"expectedEssayCount": "many", "courseCode": "COURSE_CODE_ENG5"}).to_string(), vec!["expected_essay_count"]),
-        (json!({"expectedEssayCount": 2, "courseCode": "COURSE_CODE_ENG5", "classId": 42}).to_string(), vec!["class_id"]),
-        (json!({"expectedEssayCount": 2.5, "courseCode": ["ENG5"]}).to_string(), vec!["course_code", "expected_essay_count"]),
-        (json!({"expectedEssayCount": 2, "courseCode": "COURSE_CODE_ENG5", "userId": "mallory"}).to_string(), vec!["userId"]),
+        (
+            json!({"expectedEssayCount": 0, "courseCode": "COURSE_CODE_ENG5"}).to_string(),
+            vec!["expected_essay_count"],
+        ),
+        (
+            json!({"expectedEssayCount": -1, "courseCode": "COURSE_CODE_ENG5"}).to_string(),
+            vec!["expected_essay_count"],
+        ),
+        (
+            json!({"expectedEssayCount": 2, "courseCode": "FR1"}).to_string(),
+            vec!["course_code"],
+        ),
+        (
+            json!({"expectedEssayCount": "many", "courseCode": "COURSE_CODE_ENG5"}).to_string(),
+            vec!["expected_essay_count"],
+        ),
+        (
+            json!({"expectedEssayCount": 2, "courseCode": "COURSE_CODE_ENG5", "classId": 42})
+                .to_string(),
+            vec!["class_id"],
+        ),
+        (
+            json!({"expectedEssayCount": 2.5, "courseCode": ["ENG5"]}).to_string(),
+            vec!["course_code", "expected_essay_count"],
+        ),
+        (
+            json!({"expectedEssayCount": 2, "courseCode": "COURSE_CODE_ENG5", "userId": "mallory"})
+                .to_string(),
+            vec!["userId"],
+        ),
         ("[1, 2]".to_owned(), vec![""]),
         ("{\"expectedEssayCount\": ".to_owned(), vec![""]),
     ];
@@ -99,7 +156,10 @@ async fn bad_registrations_name_their_fields_and_store_nothing() {
     assert_eq!(answer["code"], 3);
 
     let store = server.store().await;
-    let page = store.list_batches(&UserId::parse("u", "carol").unwrap(), 100, None).await.unwrap();
+    let page = store
+        .list_batches(&UserId::parse("u", "carol").unwrap(), 100, None)
+        .await
+        .unwrap();
     assert!(page.batches.is_empty(), "nothing stored: {page:?}");
     server.shutdown().await;
 }
@@ -113,10 +173,18 @@ async fn malformed_ids_and_phases_are_invalid_arguments() {
     let http = reqwest::Client::new();
 
     let status = grpc
-        .get_batch_status(authed("carol", pb::GetBatchStatusRequest { batch_id: "not-a-uuid".into() }))
+        .get_batch_status(authed(
+            "carol",
+            pb::GetBatchStatusRequest {
+                batch_id: "not-a-uuid".into(),
+            },
+        ))
         .await
         .unwrap_err();
-    assert_eq!((status.code(), fields(&status)), (Code::InvalidArgument, vec!["batch_id".to_owned()]));
+    assert_eq!(
+        (status.code(), fields(&status)),
+        (Code::InvalidArgument, vec!["batch_id".to_owned()])
+    );
     let response = http
         .get(server.url("/v1/batches/not-a-uuid/status"))
         .header("authorization", ApiServer::bearer("carol"))
@@ -129,11 +197,19 @@ async fn malformed_ids_and_phases_are_invalid_arguments() {
     let status = grpc
         .request_pipeline(authed(
             "carol",
-            pb::RequestPipelineRequest { batch_id: "1234".into(), requested_pipeline: 0, prompt_ref: String::new() },
+            pb::RequestPipelineRequest {
+                batch_id: "1234".into(),
+                requested_pipeline: 0,
+                prompt_ref: String::new(),
+            },
         ))
         .await
         .unwrap_err();
-    assert_eq!(fields(&status), ["batch_id", "requested_pipeline"], "every violation at once");
+    assert_eq!(
+        fields(&status),
+        ["batch_id", "requested_pipeline"],
+        "every violation at once"
+    );
 
     let status = grpc
         .request_pipeline(authed(
@@ -146,12 +222,31 @@ async fn malformed_ids_and_phases_are_invalid_arguments() {
         ))
         .await
         .unwrap_err();
-    assert_eq!((status.code(), fields(&status)), (Code::InvalidArgument, vec!["requested_pipeline".to_owned()]));
+    assert_eq!(
+        (status.code(), fields(&status)),
+        (Code::InvalidArgument, vec!["requested_pipeline".to_owned()])
+    );
 
-    let (code, answer) = post(&server, &format!("/v1/batches/{batch_id}/pipelines"), json!({"requestedPipeline": "PHASE_NAME_SPELLING"}).to_string()).await;
-    assert_eq!((code, json_fields(&answer)), (400, vec!["requested_pipeline".to_owned()]));
-    let (code, answer) = post(&server, &format!("/v1/batches/{batch_id}/retry"), json!({"phase": true}).to_string()).await;
-    assert_eq!((code, json_fields(&answer)), (400, vec!["phase".to_owned()]));
+    let (code, answer) = post(
+        &server,
+        &format!("/v1/batches/{batch_id}/pipelines"),
+        json!({"requestedPipeline": "PHASE_NAME_SPELLING"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (code, json_fields(&answer)),
+        (400, vec!["requested_pipeline".to_owned()])
+    );
+    let (code, answer) = post(
+        &server,
+        &format!("/v1/batches/{batch_id}/retry"),
+        json!({"phase": true}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (code, json_fields(&answer)),
+        (400, vec!["phase".to_owned()])
+    );
 
     assert_eq!(server.load(batch_id).await, before, "nothing changed");
     server.shutdown().await;
@@ -161,7 +256,11 @@ async fn malformed_ids_and_phases_are_invalid_arguments() {
 async fn unknown_paths_are_json_404s() {
     let server = ApiServer::start().await;
     let http = reqwest::Client::new();
-    for (method, path) in [("GET", "/v1/nothing/here"), ("DELETE", "/v1/batches/register"), ("GET", "/nope")] {
+    for (method, path) in [
+        ("GET", "/v1/nothing/here"),
+        ("DELETE", "/v1/batches/register"),
+        ("GET", "/nope"),
+    ] {
         let response = http
             .request(method.parse().unwrap(), server.url(path))
             .header("authorization", ApiServer::bearer("carol"))

@@ -1,8 +1,8 @@
 //! WatchBatch streams the current view and then every transition of the run, in commit order, and ends with the run
 //! (or when the batch becomes terminal). The run is driven through the same orchestrator the server uses.
 
-mod support;
 mod api_support;
+mod support;
 
 use std::time::Duration;
 
@@ -17,17 +17,29 @@ use tokio_stream::StreamExt;
 type Shape = (String, Option<String>, Vec<String>);
 
 fn shape(view: &pb::BatchView) -> Shape {
-    use bos::proto::huleedu::common::v1::{BatchStatus, PipelineExecutionStatus, PipelineRunStatus};
+    use bos::proto::huleedu::common::v1::{
+        BatchStatus, PipelineExecutionStatus, PipelineRunStatus,
+    };
     let name = |n: &str| n.to_owned();
-    let status = BatchStatus::try_from(view.status).map(|s| name(s.as_str_name())).unwrap_or_default();
+    let status = BatchStatus::try_from(view.status)
+        .map(|s| name(s.as_str_name()))
+        .unwrap_or_default();
     let run = view.current_run.as_ref();
     (
         status,
-        run.map(|r| PipelineRunStatus::try_from(r.status).map(|s| name(s.as_str_name())).unwrap_or_default()),
+        run.map(|r| {
+            PipelineRunStatus::try_from(r.status)
+                .map(|s| name(s.as_str_name()))
+                .unwrap_or_default()
+        }),
         run.map(|r| {
             r.phases
                 .iter()
-                .map(|p| PipelineExecutionStatus::try_from(p.status).map(|s| name(s.as_str_name())).unwrap_or_default())
+                .map(|p| {
+                    PipelineExecutionStatus::try_from(p.status)
+                        .map(|s| name(s.as_str_name()))
+                        .unwrap_or_default()
+                })
                 .collect()
         })
         .unwrap_or_default(),
@@ -38,13 +50,26 @@ fn s(batch: &str, run: Option<&str>, phases: &[&str]) -> Shape {
     (
         format!("BATCH_STATUS_{batch}"),
         run.map(|r| format!("PIPELINE_RUN_STATUS_{r}")),
-        phases.iter().map(|p| format!("PIPELINE_EXECUTION_STATUS_{p}")).collect(),
+        phases
+            .iter()
+            .map(|p| format!("PIPELINE_EXECUTION_STATUS_{p}"))
+            .collect(),
     )
 }
 
-async fn outcome(server: &ApiServer, batch_id: BatchId, phase: CorePhase, processed: &[EssayId], failed: &[EssayId]) {
+async fn outcome(
+    server: &ApiServer,
+    batch_id: BatchId,
+    phase: CorePhase,
+    processed: &[EssayId],
+    failed: &[EssayId],
+) {
     let agg = server.load(batch_id).await;
-    let attempt = agg.active_run().and_then(|r| r.phase(phase)).map(|p| p.attempt).unwrap();
+    let attempt = agg
+        .active_run()
+        .and_then(|r| r.phase(phase))
+        .map(|p| p.attempt)
+        .unwrap();
     let status = if failed.is_empty() {
         ReportedPhaseStatus::CompletedSuccessfully
     } else {
@@ -63,7 +88,9 @@ async fn outcome(server: &ApiServer, batch_id: BatchId, phase: CorePhase, proces
                     .iter()
                     .map(|id| ProcessedEssay {
                         essay_id: *id,
-                        output_ref: Some(TextRef::parse("output_ref", &format!("{phase}-{id}")).unwrap()),
+                        output_ref: Some(
+                            TextRef::parse("output_ref", &format!("{phase}-{id}")).unwrap(),
+                        ),
                     })
                     .collect(),
                 failed: failed.to_vec(),
@@ -76,11 +103,19 @@ async fn outcome(server: &ApiServer, batch_id: BatchId, phase: CorePhase, proces
 
 async fn delivered(server: &ApiServer, batch_id: BatchId, phase: CorePhase) {
     let agg = server.load(batch_id).await;
-    let attempt = agg.active_run().and_then(|r| r.phase(phase)).map(|p| p.attempt).unwrap();
+    let attempt = agg
+        .active_run()
+        .and_then(|r| r.phase(phase))
+        .map(|p| p.attempt)
+        .unwrap();
     server
         .handles
         .orchestrator
-        .handle(batch_id, Input::PhaseCommandDelivered { phase, attempt }, None)
+        .handle(
+            batch_id,
+            Input::PhaseCommandDelivered { phase, attempt },
+            None,
+        )
         .await
         .unwrap();
 }
@@ -89,16 +124,30 @@ async fn delivered(server: &ApiServer, batch_id: BatchId, phase: CorePhase) {
 async fn watch_receives_every_transition_of_a_run_in_order() {
     let server = ApiServer::start().await;
     let batch_id = server.ready_batch("dave", 3).await;
-    let essays: Vec<EssayId> = server.load(batch_id).await.essays.iter().map(|e| e.id).collect();
+    let essays: Vec<EssayId> = server
+        .load(batch_id)
+        .await
+        .essays
+        .iter()
+        .map(|e| e.id)
+        .collect();
     let mut grpc = server.batches().await;
     let mut stream = grpc
-        .watch_batch(authed("dave", pb::WatchBatchRequest { batch_id: batch_id.to_string() }))
+        .watch_batch(authed(
+            "dave",
+            pb::WatchBatchRequest {
+                batch_id: batch_id.to_string(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
 
     let first = stream.next().await.unwrap().unwrap();
-    assert_eq!(shape(first.batch.as_ref().unwrap()), s("READY_FOR_PIPELINE_EXECUTION", None, &[]));
+    assert_eq!(
+        shape(first.batch.as_ref().unwrap()),
+        s("READY_FOR_PIPELINE_EXECUTION", None, &[])
+    );
     assert!(first.observed_at.is_some());
 
     grpc.request_pipeline(authed(
@@ -115,7 +164,14 @@ async fn watch_receives_every_transition_of_a_run_in_order() {
     delivered(&server, batch_id, CorePhase::Spellcheck).await;
     outcome(&server, batch_id, CorePhase::Spellcheck, &essays, &[]).await;
     delivered(&server, batch_id, CorePhase::Nlp).await;
-    outcome(&server, batch_id, CorePhase::Nlp, &essays[..2], &essays[2..]).await;
+    outcome(
+        &server,
+        batch_id,
+        CorePhase::Nlp,
+        &essays[..2],
+        &essays[2..],
+    )
+    .await;
 
     let mut seen: Vec<Shape> = Vec::new();
     let collect = async {
@@ -128,15 +184,33 @@ async fn watch_receives_every_transition_of_a_run_in_order() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), collect).await.expect("the stream ends with the run");
+    tokio::time::timeout(Duration::from_secs(20), collect)
+        .await
+        .expect("the stream ends with the run");
 
     assert_eq!(
         seen,
         vec![
-            s("PROCESSING_PIPELINES", Some("RUNNING"), &["DISPATCH_INITIATED", "PENDING_DEPENDENCIES"]),
-            s("PROCESSING_PIPELINES", Some("RUNNING"), &["IN_PROGRESS", "PENDING_DEPENDENCIES"]),
-            s("PROCESSING_PIPELINES", Some("RUNNING"), &["COMPLETED_SUCCESSFULLY", "DISPATCH_INITIATED"]),
-            s("PROCESSING_PIPELINES", Some("RUNNING"), &["COMPLETED_SUCCESSFULLY", "IN_PROGRESS"]),
+            s(
+                "PROCESSING_PIPELINES",
+                Some("RUNNING"),
+                &["DISPATCH_INITIATED", "PENDING_DEPENDENCIES"]
+            ),
+            s(
+                "PROCESSING_PIPELINES",
+                Some("RUNNING"),
+                &["IN_PROGRESS", "PENDING_DEPENDENCIES"]
+            ),
+            s(
+                "PROCESSING_PIPELINES",
+                Some("RUNNING"),
+                &["COMPLETED_SUCCESSFULLY", "DISPATCH_INITIATED"]
+            ),
+            s(
+                "PROCESSING_PIPELINES",
+                Some("RUNNING"),
+                &["COMPLETED_SUCCESSFULLY", "IN_PROGRESS"]
+            ),
             s(
                 "READY_FOR_PIPELINE_EXECUTION",
                 Some("COMPLETED_WITH_FAILURES"),
@@ -154,7 +228,12 @@ async fn watch_ends_when_the_batch_becomes_terminal_and_ignores_other_batches() 
     let other = server.ready_batch("erin", 1).await;
     let mut grpc = server.batches().await;
     let mut stream = grpc
-        .watch_batch(authed("erin", pb::WatchBatchRequest { batch_id: batch_id.to_string() }))
+        .watch_batch(authed(
+            "erin",
+            pb::WatchBatchRequest {
+                batch_id: batch_id.to_string(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -164,18 +243,35 @@ async fn watch_ends_when_the_batch_becomes_terminal_and_ignores_other_batches() 
     server
         .handles
         .orchestrator
-        .handle(other, Input::Cancel { actor: Actor::Internal, reason: None }, None)
+        .handle(
+            other,
+            Input::Cancel {
+                actor: Actor::Internal,
+                reason: None,
+            },
+            None,
+        )
         .await
         .unwrap();
     server
         .handles
         .orchestrator
-        .handle(batch_id, Input::Cancel { actor: Actor::Internal, reason: Some("test".into()) }, None)
+        .handle(
+            batch_id,
+            Input::Cancel {
+                actor: Actor::Internal,
+                reason: Some("test".into()),
+            },
+            None,
+        )
         .await
         .unwrap();
-    let rest: Vec<pb::WatchBatchResponse> = tokio::time::timeout(Duration::from_secs(20), stream.map(|m| m.unwrap()).collect())
-        .await
-        .expect("the stream ends with the batch");
+    let rest: Vec<pb::WatchBatchResponse> = tokio::time::timeout(
+        Duration::from_secs(20),
+        stream.map(|m| m.unwrap()).collect(),
+    )
+    .await
+    .expect("the stream ends with the batch");
     assert_eq!(rest.len(), 1, "{rest:?}");
     let view = rest[0].batch.as_ref().unwrap();
     assert_eq!(view.batch_id, batch_id.to_string());

@@ -91,7 +91,13 @@ impl ApiServer {
     }
 
     pub fn token(user: &str) -> String {
-        bos::api::auth::mint_token(&JwtKey::Secret(Secret::new(SECRET)), user, Some("org-1"), 600).unwrap()
+        bos::api::auth::mint_token(
+            &JwtKey::Secret(Secret::new(SECRET)),
+            user,
+            Some("org-1"),
+            600,
+        )
+        .unwrap()
     }
 
     pub fn bearer(user: &str) -> String {
@@ -183,13 +189,19 @@ pub fn authed<T>(user: &str, message: T) -> tonic::Request<T> {
 /// A gRPC request carrying the internal API key `key`.
 pub fn internal<T>(key: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("x-internal-api-key", key.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-internal-api-key", key.parse().unwrap());
     request
 }
 
 /// A generated message as proto3 JSON, the way the HTTP side renders it.
 pub fn to_json<M: prost::Message>(full_name: &str, message: &M) -> serde_json::Value {
-    let descriptor = bos::proto::descriptor_pool().get_message_by_name(full_name).unwrap();
-    let dynamic = prost_reflect::DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()).unwrap();
+    let descriptor = bos::proto::descriptor_pool()
+        .get_message_by_name(full_name)
+        .unwrap();
+    let dynamic =
+        prost_reflect::DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+            .unwrap();
     serde_json::to_value(&dynamic).unwrap()
 }
