@@ -52,8 +52,16 @@ pub struct Harness {
     pub orchestrator: Arc<Orchestrator>,
     pub producer: TestProducer,
     pub dedupe: Dedupe,
+    group: String,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    pub consumers: Vec<ConsumerHandle>,
+}
+
+/// One running consumer group member.
+pub struct ConsumerHandle {
+    pub stop: Arc<watch::Sender<bool>>,
+    pub task: JoinHandle<()>,
 }
 
 impl Harness {
@@ -93,25 +101,44 @@ impl Harness {
             .expect("redis url"),
             None => Dedupe::disabled(),
         };
-        let handler = EventHandler::new(orchestrator.clone()).with_inbox(Arc::new(store.clone()));
-        let dlq = DlqPublisher::new(&bootstrap, &[]).expect("dlq producer");
-        let mut settings =
-            ConsumerSettings::new(&bootstrap, format!("bos-test-{}", Uuid::now_v7()));
-        settings.overrides = group_overrides();
-        let consumer =
-            EventConsumer::new(&settings, handler, dedupe.clone(), dlq).expect("consumer");
-        tasks.push(tokio::spawn(consumer.run(stopped(&stop))));
-
-        Harness {
+        let mut harness = Harness {
             producer: TestProducer::new(&bootstrap),
             broker,
             _db: db,
             store,
             orchestrator,
             dedupe,
+            group: format!("bos-test-{}", Uuid::now_v7()),
             stop,
             tasks,
+            consumers: Vec::new(),
+        };
+        let first = harness.start_consumer();
+        harness.consumers.push(first);
+        harness
+    }
+
+    /// Another member of the BOS consumer group (a second replica), sharing store, orchestrator and dedupe.
+    pub fn start_consumer(&self) -> ConsumerHandle {
+        let bootstrap = self.bootstrap().to_owned();
+        let handler =
+            EventHandler::new(self.orchestrator.clone()).with_inbox(Arc::new(self.store.clone()));
+        let dlq = DlqPublisher::new(&bootstrap, &[]).expect("dlq producer");
+        let mut settings = ConsumerSettings::new(&bootstrap, &self.group);
+        settings.overrides = group_overrides();
+        let consumer =
+            EventConsumer::new(&settings, handler, self.dedupe.clone(), dlq).expect("consumer");
+        let (stop, _) = watch::channel(false);
+        let task = tokio::spawn(consumer.run(stopped(&stop)));
+        ConsumerHandle {
+            stop: Arc::new(stop),
+            task,
         }
+    }
+
+    /// Stops the consumer the harness started with (the others keep running).
+    pub fn first_consumer_stopper(&self) -> Arc<watch::Sender<bool>> {
+        self.consumers[0].stop.clone()
     }
 
     pub fn bootstrap(&self) -> &str {
@@ -120,7 +147,11 @@ impl Harness {
 
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
+        let consumers = self.consumers.into_iter().map(|c| {
+            let _ = c.stop.send(true);
+            c.task
+        });
+        for task in self.tasks.into_iter().chain(consumers) {
             tokio::time::timeout(Duration::from_secs(30), task)
                 .await
                 .expect("tasks stop in time")
