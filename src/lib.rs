@@ -10,4 +10,5 @@ pub mod core;
 pub mod events;
 pub mod notify;
 pub mod proto;
+pub mod sim;
 pub mod store;
