@@ -190,7 +190,9 @@ async fn every_rpc_answers_the_same_over_grpc_and_http() {
     assert_eq!(again_http["message"], again_grpc.message());
     assert_eq!(again_http["details"][0]["reason"], "RUN_ACTIVE");
 
-    // Internal GetPipelineState.
+    // Internal GetPipelineState, once the relay's delivery report has landed (it would change the view between the
+    // two calls otherwise).
+    server.settle(batch_id).await;
     let state_grpc = server
         .internal()
         .await

@@ -159,6 +159,50 @@ impl ApiServer {
         batch_id
     }
 
+    /// Waits until every dispatched phase of the active run is IN_PROGRESS (the relay reports each command it
+    /// delivered), recording the delivery itself if the relay has not within a few seconds. After this the batch
+    /// changes only when the test changes it.
+    pub async fn settle(&self, batch_id: BatchId) {
+        use bos::core::model::PhaseStatus;
+        for _ in 0..100 {
+            let agg = self.load(batch_id).await;
+            let waiting = agg
+                .active_run()
+                .map(|r| {
+                    r.phases
+                        .iter()
+                        .any(|p| p.status == PhaseStatus::DispatchInitiated)
+                })
+                .unwrap_or(false);
+            if !waiting {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let agg = self.load(batch_id).await;
+        let dispatched: Vec<_> = agg
+            .active_run()
+            .map(|r| {
+                r.phases
+                    .iter()
+                    .filter(|p| p.status == PhaseStatus::DispatchInitiated)
+                    .map(|p| (p.phase, p.attempt))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (phase, attempt) in dispatched {
+            let _ = self
+                .handles
+                .orchestrator
+                .handle(
+                    batch_id,
+                    bos::core::input::Input::PhaseCommandDelivered { phase, attempt },
+                    None,
+                )
+                .await;
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
