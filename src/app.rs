@@ -231,6 +231,13 @@ where
     let router = api::server::router(grpc.routes(), http, health.clone(), &api_stack);
     health.set_serving(true).await;
     tracing::info!(%local_addr, "serving gRPC, HTTP/JSON, /healthz and /metrics");
+    announce(
+        &config,
+        local_addr,
+        embedded_broker
+            .as_ref()
+            .map(EmbeddedBroker::bootstrap_servers),
+    );
 
     let drain_health = health.clone();
     let shutdown = async move {
@@ -252,6 +259,26 @@ where
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells a newcomer how to reach a development server: where it listens, the embedded broker (also written to
+/// the data directory, where `bos simulate` looks for it) and, with the development secret, a ready token.
+fn announce(config: &Config, local_addr: std::net::SocketAddr, embedded_broker: Option<&str>) {
+    println!("BOS listening on {local_addr} (gRPC, HTTP/JSON, /healthz, /metrics)");
+    if let Some(bootstrap) = embedded_broker {
+        println!("embedded Kafka-protocol broker: {bootstrap}");
+        let path = config.data_dir.join(crate::sim::cli::BROKER_ADDR_FILE);
+        let written = std::fs::create_dir_all(&config.data_dir)
+            .and_then(|()| std::fs::write(&path, bootstrap));
+        if let Err(error) = written {
+            tracing::warn!(%error, path = %path.display(), "cannot announce the embedded broker");
+        }
+    }
+    if matches!(config.jwt, crate::config::JwtKey::Development) {
+        if let Ok(token) = api::auth::mint_token(&config.jwt, "demo-teacher", None, 86_400) {
+            println!("development token for user demo-teacher (24 h): {token}");
+        }
+    }
 }
 
 /// The store on the configured database, migrated, writing protobuf envelopes to the outbox.

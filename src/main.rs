@@ -35,6 +35,8 @@ enum Command {
     Token(TokenArgs),
     /// Host an in-process Kafka-protocol broker with every BOS topic, for several local processes to share.
     DevBroker(DevBrokerArgs),
+    /// Play the downstream services against BOS's broker; with --demo, also drive demo batches through the API.
+    Simulate(bos::sim::cli::SimulateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +147,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
             .context("bos dev-broker"),
+            Command::Simulate(args) => {
+                bos::sim::cli::simulate(&config, args, bos::app::shutdown_signal())
+                    .await
+                    .context("bos simulate")
+            }
         }
     })
 }

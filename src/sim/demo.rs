@@ -52,10 +52,34 @@ pub fn default_batches() -> Vec<DemoBatch> {
         pipeline,
     };
     vec![
-        batch("guest-spellcheck", None, pc::CourseCode::Eng5, 12, pc::PhaseName::Spellcheck),
-        batch("guest-ai-feedback", None, pc::CourseCode::Sv2, 8, pc::PhaseName::AiFeedback),
-        batch("regular-cj", Some("class-7a"), pc::CourseCode::Eng6, 20, pc::PhaseName::CjAssessment),
-        batch("regular-nlp", Some("class-9c"), pc::CourseCode::Sv1, 15, pc::PhaseName::Nlp),
+        batch(
+            "guest-spellcheck",
+            None,
+            pc::CourseCode::Eng5,
+            12,
+            pc::PhaseName::Spellcheck,
+        ),
+        batch(
+            "guest-ai-feedback",
+            None,
+            pc::CourseCode::Sv2,
+            8,
+            pc::PhaseName::AiFeedback,
+        ),
+        batch(
+            "regular-cj",
+            Some("class-7a"),
+            pc::CourseCode::Eng6,
+            20,
+            pc::PhaseName::CjAssessment,
+        ),
+        batch(
+            "regular-nlp",
+            Some("class-9c"),
+            pc::CourseCode::Sv1,
+            15,
+            pc::PhaseName::Nlp,
+        ),
     ]
 }
 
@@ -74,7 +98,12 @@ pub struct DemoResult {
 }
 
 /// Runs the demo against the API at `addr` (e.g. `http://127.0.0.1:50051`) with a bearer `token`.
-pub async fn run(addr: &str, token: &str, batches: Vec<DemoBatch>, deadline: Duration) -> Result<Vec<DemoResult>, DemoError> {
+pub async fn run(
+    addr: &str,
+    token: &str,
+    batches: Vec<DemoBatch>,
+    deadline: Duration,
+) -> Result<Vec<DemoResult>, DemoError> {
     let channel = Channel::from_shared(addr.to_owned())
         .map_err(|_| DemoError::Token)?
         .connect()
@@ -83,9 +112,13 @@ pub async fn run(addr: &str, token: &str, batches: Vec<DemoBatch>, deadline: Dur
             addr: addr.to_owned(),
             source,
         })?;
-    let bearer: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| DemoError::Token)?;
+    let bearer: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| DemoError::Token)?;
     let client = BatchServiceClient::with_interceptor(channel, move |mut request: Request<()>| {
-        request.metadata_mut().insert("authorization", bearer.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
         Ok(request)
     });
     let bars = MultiProgress::new();
@@ -110,7 +143,12 @@ pub async fn run(addr: &str, token: &str, batches: Vec<DemoBatch>, deadline: Dur
     Ok(results)
 }
 
-async fn drive<C>(mut client: BatchServiceClient<C>, batch: DemoBatch, bar: ProgressBar, deadline: Duration) -> Result<DemoResult, DemoError>
+async fn drive<C>(
+    mut client: BatchServiceClient<C>,
+    batch: DemoBatch,
+    bar: ProgressBar,
+    deadline: Duration,
+) -> Result<DemoResult, DemoError>
 where
     C: tonic::client::GrpcService<tonic::body::Body> + Clone + Send,
     C::Error: Into<tonic::codegen::StdError>,
@@ -148,16 +186,24 @@ where
     bar.set_length(1 + accepted.phases.len() as u64);
     let run_id = accepted.run_id;
     let ended = |view: &api::BatchView| {
-        all_runs(view).any(|run| run.run_id == run_id && run.status != pc::PipelineRunStatus::Running as i32)
+        all_runs(view)
+            .any(|run| run.run_id == run_id && run.status != pc::PipelineRunStatus::Running as i32)
     };
     let view = wait_for(&mut client, &batch_id, &bar, started, deadline, ended).await?;
-    let run = all_runs(&view).find(|run| run.run_id == run_id).cloned().unwrap_or_default();
-    bar.finish_with_message(enum_name(pc::PipelineRunStatus::try_from(run.status).map(|s| s.as_str_name())));
+    let run = all_runs(&view)
+        .find(|run| run.run_id == run_id)
+        .cloned()
+        .unwrap_or_default();
+    bar.finish_with_message(enum_name(
+        pc::PipelineRunStatus::try_from(run.status).map(|s| s.as_str_name()),
+    ));
     Ok(DemoResult {
         label: batch.label,
         batch_id,
         class_type: enum_name(pc::ClassType::try_from(view.class_type).map(|c| c.as_str_name())),
-        pipeline: enum_name(pc::PhaseName::try_from(run.requested_pipeline).map(|p| p.as_str_name())),
+        pipeline: enum_name(
+            pc::PhaseName::try_from(run.requested_pipeline).map(|p| p.as_str_name()),
+        ),
         run_status: enum_name(pc::PipelineRunStatus::try_from(run.status).map(|s| s.as_str_name())),
         phases: run
             .phases
@@ -205,7 +251,9 @@ where
             bar.set_position(1 + concluded);
             let active = run.phases.iter().find(|p| !is_concluded(p.status));
             if let Some(phase) = active {
-                bar.set_message(enum_name(pc::PhaseName::try_from(phase.phase).map(|n| n.as_str_name())));
+                bar.set_message(enum_name(
+                    pc::PhaseName::try_from(phase.phase).map(|n| n.as_str_name()),
+                ));
             }
         }
         if done(&view) {
@@ -238,7 +286,12 @@ fn is_concluded(status: i32) -> bool {
 /// The enum value's name without its type prefix (`PHASE_NAME_NLP` → `NLP`).
 fn enum_name<E>(name: Result<&'static str, E>) -> String {
     let name = name.unwrap_or("UNKNOWN");
-    for prefix in ["PIPELINE_RUN_STATUS_", "PHASE_NAME_", "CLASS_TYPE_", "BATCH_STATUS_"] {
+    for prefix in [
+        "PIPELINE_RUN_STATUS_",
+        "PHASE_NAME_",
+        "CLASS_TYPE_",
+        "BATCH_STATUS_",
+    ] {
         if let Some(rest) = name.strip_prefix(prefix) {
             return rest.to_owned();
         }

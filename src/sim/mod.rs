@@ -3,6 +3,7 @@
 //! answers each record with the events the real services would send, with a configurable latency, per-essay
 //! failure rate and phases that never answer.
 
+pub mod cli;
 pub mod demo;
 pub mod responder;
 
@@ -20,7 +21,9 @@ use rdkafka::Message as _;
 use tokio::sync::Mutex;
 
 use crate::core::ids::{CorrelationId, EventId};
-use crate::events::codec::{encode_message, published_topics, EncodeError, EncodedRecord, EnvelopeMeta, TraceContext};
+use crate::events::codec::{
+    encode_message, published_topics, EncodeError, EncodedRecord, EnvelopeMeta, TraceContext,
+};
 pub use responder::{Answer, Behaviour};
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +93,11 @@ pub async fn run(
             }
         };
         stats.lock().await.records_seen += 1;
-        let reply = match responder::respond(message.topic(), message.payload().unwrap_or_default(), &options.behaviour) {
+        let reply = match responder::respond(
+            message.topic(),
+            message.payload().unwrap_or_default(),
+            &options.behaviour,
+        ) {
             Ok(Some(reply)) => reply,
             Ok(None) => continue,
             Err(error) => {
@@ -121,14 +128,21 @@ pub async fn run(
 }
 
 /// Wraps an answer in an envelope, as the answering service would, and publishes it keyed by batch id.
-pub async fn publish(producer: &FutureProducer, answer: &Answer, correlation_id: &str) -> Result<(), SimError> {
+pub async fn publish(
+    producer: &FutureProducer,
+    answer: &Answer,
+    correlation_id: &str,
+) -> Result<(), SimError> {
     let record = encode_answer(answer, correlation_id)?;
-    let headers = record.headers.iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
-        headers.insert(Header {
-            key,
-            value: Some(value.as_str()),
-        })
-    });
+    let headers = record
+        .headers
+        .iter()
+        .fold(OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            })
+        });
     producer
         .send(
             FutureRecord::to(&record.topic)
@@ -151,7 +165,11 @@ pub fn encode_answer(answer: &Answer, correlation_id: &str) -> Result<EncodedRec
         timestamp: Utc::now(),
         trace: TraceContext::new_root(),
     };
-    fn wrap<M: Message + Name>(m: &M, key: &str, meta: &EnvelopeMeta) -> Result<EncodedRecord, EncodeError> {
+    fn wrap<M: Message + Name>(
+        m: &M,
+        key: &str,
+        meta: &EnvelopeMeta,
+    ) -> Result<EncodedRecord, EncodeError> {
         encode_message(m, key, meta)
     }
     let key = answer.batch_id();

@@ -64,17 +64,29 @@ pub struct Reply {
 }
 
 /// Answers one record; `Ok(None)` for a topic the simulated services do not act on (e.g. pipeline completed).
-pub fn respond(topic: &str, payload: &[u8], behaviour: &Behaviour) -> Result<Option<Reply>, DecodeError> {
+pub fn respond(
+    topic: &str,
+    payload: &[u8],
+    behaviour: &Behaviour,
+) -> Result<Option<Reply>, DecodeError> {
     if let Some(reply) = on::<pe::BatchEssaysRegistered>(topic, payload, |m| provision(&m))? {
         return Ok(Some(reply));
     }
-    if let Some(reply) = on::<pe::StudentMatchingInitiateCommand>(topic, payload, |m| match_students(&m, behaviour))? {
+    if let Some(reply) =
+        on::<pe::StudentMatchingInitiateCommand>(topic, payload, |m| match_students(&m, behaviour))?
+    {
         return Ok(Some(reply));
     }
     macro_rules! phase {
         ($ty:ty) => {
             if let Some(reply) = on::<$ty>(topic, payload, |m| {
-                run_phase(&m.batch_id, m.phase, m.attempt, &m.essays_to_process, behaviour)
+                run_phase(
+                    &m.batch_id,
+                    m.phase,
+                    m.attempt,
+                    &m.essays_to_process,
+                    behaviour,
+                )
             })? {
                 return Ok(Some(reply));
             }
@@ -113,14 +125,16 @@ fn provision(m: &pe::BatchEssaysRegistered) -> Vec<Answer> {
             text_storage_id: format!("content://{}/{id}", m.batch_id),
         })
         .collect();
-    vec![Answer::ContentProvisioned(pe::BatchContentProvisioningCompleted {
-        batch_id: m.batch_id.clone(),
-        provisioned_count: essays.len() as i32,
-        expected_count: m.expected_essay_count,
-        course_code: m.course_code,
-        user_id: m.user_id.clone(),
-        essays_for_processing: essays,
-    })]
+    vec![Answer::ContentProvisioned(
+        pe::BatchContentProvisioningCompleted {
+            batch_id: m.batch_id.clone(),
+            provisioned_count: essays.len() as i32,
+            expected_count: m.expected_essay_count,
+            course_code: m.course_code,
+            user_id: m.user_id.clone(),
+            essays_for_processing: essays,
+        },
+    )]
 }
 
 /// Class Management confirms a student for every essay; the Essay Lifecycle Service then reports them ready.
@@ -129,14 +143,16 @@ fn match_students(m: &pe::StudentMatchingInitiateCommand, behaviour: &Behaviour)
         .essays_to_process
         .iter()
         .enumerate()
-        .map(|(i, essay)| pe::student_associations_confirmed::StudentAssociation {
-            essay_id: essay.essay_id.clone(),
-            student_id: format!("student-{}", i + 1),
-            confidence: 0.93,
-            validation_method: pc::ValidationMethod::Auto as i32,
-            validated_by: "bos-simulator".to_owned(),
-            validated_at: None,
-        })
+        .map(
+            |(i, essay)| pe::student_associations_confirmed::StudentAssociation {
+                essay_id: essay.essay_id.clone(),
+                student_id: format!("student-{}", i + 1),
+                confidence: 0.93,
+                validation_method: pc::ValidationMethod::Auto as i32,
+                validated_by: "bos-simulator".to_owned(),
+                validated_at: None,
+            },
+        )
         .collect();
     let confirmed = Answer::AssociationsConfirmed(pe::StudentAssociationsConfirmed {
         batch_id: m.batch_id.clone(),
@@ -159,7 +175,13 @@ fn match_students(m: &pe::StudentMatchingInitiateCommand, behaviour: &Behaviour)
 }
 
 /// The Essay Lifecycle Service runs a phase: each essay succeeds or fails by the drawn chance.
-fn run_phase(batch_id: &str, phase: i32, attempt: i32, essays: &[pc::EssayRef], behaviour: &Behaviour) -> Vec<Answer> {
+fn run_phase(
+    batch_id: &str,
+    phase: i32,
+    attempt: i32,
+    essays: &[pc::EssayRef],
+    behaviour: &Behaviour,
+) -> Vec<Answer> {
     if behaviour.never_answer.contains(&phase) {
         return Vec::new();
     }
@@ -175,7 +197,11 @@ fn run_phase(batch_id: &str, phase: i32, attempt: i32, essays: &[pc::EssayRef], 
         pc::PhaseOutcomeStatus::CompletedWithFailures
     };
     let phase_label = pc::PhaseName::try_from(phase)
-        .map(|p| p.as_str_name().trim_start_matches("PHASE_NAME_").to_ascii_lowercase())
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("PHASE_NAME_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|_| phase.to_string());
     vec![Answer::PhaseOutcome(pe::BatchPhaseOutcome {
         batch_id: batch_id.to_owned(),
@@ -192,7 +218,10 @@ fn run_phase(batch_id: &str, phase: i32, attempt: i32, essays: &[pc::EssayRef], 
                 },
             })
             .collect(),
-        failed_essay_ids: failed.into_iter().map(|essay| essay.essay_id.clone()).collect(),
+        failed_essay_ids: failed
+            .into_iter()
+            .map(|essay| essay.essay_id.clone())
+            .collect(),
         attempt,
     })]
 }

@@ -51,14 +51,18 @@ fn registration_is_answered_with_provisioned_content_for_every_essay() {
         ..Default::default()
     };
     let (topic, payload, event_id) = record(&registered);
-    let reply = respond(&topic, &payload, &Behaviour::default()).unwrap().unwrap();
+    let reply = respond(&topic, &payload, &Behaviour::default())
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.answers_event, event_id);
     let [Answer::ContentProvisioned(provisioned)] = reply.answers.as_slice() else {
         panic!("expected provisioning, got {:?}", reply.answers);
     };
     assert_eq!(provisioned.provisioned_count, 2);
     assert_eq!(provisioned.essays_for_processing[1].essay_id, "e2");
-    assert!(!provisioned.essays_for_processing[1].text_storage_id.is_empty());
+    assert!(!provisioned.essays_for_processing[1]
+        .text_storage_id
+        .is_empty());
 }
 
 #[test]
@@ -70,15 +74,22 @@ fn student_matching_confirms_then_reports_ready_unless_early() {
         ..Default::default()
     };
     let (topic, payload, _) = record(&command);
-    let normal = respond(&topic, &payload, &Behaviour::default()).unwrap().unwrap();
-    assert!(matches!(normal.answers.as_slice(), [Answer::AssociationsConfirmed(a), Answer::EssaysReady(r)]
-        if a.associations.len() == 3 && r.ready_essays.len() == 3));
+    let normal = respond(&topic, &payload, &Behaviour::default())
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(normal.answers.as_slice(), [Answer::AssociationsConfirmed(a), Answer::EssaysReady(r)]
+        if a.associations.len() == 3 && r.ready_essays.len() == 3)
+    );
     let early = Behaviour {
         early_essays_ready: true,
         ..Behaviour::default()
     };
     let reversed = respond(&topic, &payload, &early).unwrap().unwrap();
-    assert!(matches!(reversed.answers.as_slice(), [Answer::EssaysReady(_), Answer::AssociationsConfirmed(_)]));
+    assert!(matches!(
+        reversed.answers.as_slice(),
+        [Answer::EssaysReady(_), Answer::AssociationsConfirmed(_)]
+    ));
 }
 
 #[test]
@@ -91,12 +102,31 @@ fn phase_outcome_reports_every_essay_once_with_the_failure_rate_applied() {
     let reply = respond(&topic, &payload, &behaviour).unwrap().unwrap();
     let outcome = outcome(&reply);
     assert_eq!(outcome.attempt, 2);
-    assert_eq!(outcome.processed_essays.len() + outcome.failed_essay_ids.len(), 200);
-    assert!((20..=100).contains(&outcome.failed_essay_ids.len()), "{}", outcome.failed_essay_ids.len());
-    assert_eq!(outcome.phase_status, pc::PhaseOutcomeStatus::CompletedWithFailures as i32);
-    assert!(outcome.processed_essays.iter().all(|e| e.output_text_storage_id.ends_with("/a2")));
+    assert_eq!(
+        outcome.processed_essays.len() + outcome.failed_essay_ids.len(),
+        200
+    );
+    assert!(
+        (20..=100).contains(&outcome.failed_essay_ids.len()),
+        "{}",
+        outcome.failed_essay_ids.len()
+    );
+    assert_eq!(
+        outcome.phase_status,
+        pc::PhaseOutcomeStatus::CompletedWithFailures as i32
+    );
+    assert!(outcome
+        .processed_essays
+        .iter()
+        .all(|e| e.output_text_storage_id.ends_with("/a2")));
     // The same command answered again gives the same outcome.
-    assert_eq!(respond(&topic, &payload, &behaviour).unwrap().unwrap().answers, reply.answers);
+    assert_eq!(
+        respond(&topic, &payload, &behaviour)
+            .unwrap()
+            .unwrap()
+            .answers,
+        reply.answers
+    );
 }
 
 #[test]
@@ -107,13 +137,20 @@ fn all_failed_is_a_critical_failure_and_never_answer_is_silent() {
     };
     let (topic, payload, _) = record(&spellcheck(1, 4));
     let reply = respond(&topic, &payload, &all_fail).unwrap().unwrap();
-    assert_eq!(outcome(&reply).phase_status, pc::PhaseOutcomeStatus::FailedCritically as i32);
+    assert_eq!(
+        outcome(&reply).phase_status,
+        pc::PhaseOutcomeStatus::FailedCritically as i32
+    );
 
     let silent = Behaviour {
         never_answer: [pc::PhaseName::Spellcheck as i32].into_iter().collect(),
         ..Behaviour::default()
     };
-    assert!(respond(&topic, &payload, &silent).unwrap().unwrap().answers.is_empty());
+    assert!(respond(&topic, &payload, &silent)
+        .unwrap()
+        .unwrap()
+        .answers
+        .is_empty());
 }
 
 #[test]
@@ -123,5 +160,8 @@ fn topics_the_services_ignore_get_no_reply() {
         ..Default::default()
     };
     let (topic, payload, _) = record(&completed);
-    assert_eq!(respond(&topic, &payload, &Behaviour::default()).unwrap(), None);
+    assert_eq!(
+        respond(&topic, &payload, &Behaviour::default()).unwrap(),
+        None
+    );
 }
