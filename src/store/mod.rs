@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{
+    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
 use tokio::sync::{Mutex, MutexGuard};
 
 pub use faults::{FaultPlan, FaultPoint, InjectedFault};
@@ -186,6 +189,22 @@ impl Store {
     pub async fn close(self) -> Result<(), StoreError> {
         self.db.close().await?;
         Ok(())
+    }
+
+    /// Starts a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken up front
+    /// (waiting up to the busy timeout), so another process writing the same file makes us wait instead of failing
+    /// the upgrade from a read transaction half-way.
+    async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
+        if self.sqlite_writer.is_some() {
+            self.db
+                .begin_with_options(TransactionOptions {
+                    sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                    ..TransactionOptions::default()
+                })
+                .await
+        } else {
+            self.db.begin().await
+        }
     }
 
     async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {

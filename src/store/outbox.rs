@@ -12,7 +12,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel,
-    QueryFilter, Statement, TransactionTrait,
+    QueryFilter, Statement,
 };
 
 use super::entities::{event_outbox, processed_events};
@@ -196,7 +196,7 @@ impl Store {
             DbBackend::Postgres => format!("{CLAIM_SQL}\nFOR UPDATE OF o SKIP LOCKED"),
             _ => CLAIM_SQL.to_owned(),
         };
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let claimed = event_outbox::Entity::find()
             .from_raw_sql(Statement::from_sql_and_values(
                 backend,

@@ -13,7 +13,7 @@ use rand::Rng;
 use sea_orm::sea_query::{Expr, IntoColumnRef, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, DatabaseTransaction, EntityTrait, IntoActiveModel,
-    Iterable, QueryFilter, TransactionTrait, TryInsertResult,
+    Iterable, QueryFilter, TryInsertResult,
 };
 use uuid::Uuid;
 
@@ -103,7 +103,7 @@ impl Store {
         unit: &UnitOfWork,
         now: DateTime<Utc>,
     ) -> Result<Applied, AttemptError> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         if let Some(entry) = &unit.inbox {
             if !inbox::record(&txn, entry, now).await? {
                 txn.commit().await?;
