@@ -210,6 +210,10 @@ fn host_cluster(
     };
     let replication = 1;
     for topic in all_topics() {
+        // librdkafka's mock thread serves its op queue before draining its wake-up pipe, so an op
+        // queued in between loses its wake-up and waits out the thread's 1 s poll. A pause after
+        // each op lets the thread go back to sleep first: 26 topics in ~50 ms instead of ~6 s.
+        std::thread::sleep(Duration::from_millis(2));
         if let Err(e) = cluster.create_topic(&topic, options.partitions.max(1), replication) {
             let _ = ready.send(Err(BrokerError::CreateTopic {
                 topic,
@@ -222,7 +226,10 @@ fn host_cluster(
         return;
     }
     loop {
-        match commands.recv_timeout(Duration::from_secs(3600)) {
+        let command = commands.recv_timeout(Duration::from_secs(3600));
+        // The same lost wake-up as above, for control ops that follow each other closely.
+        std::thread::sleep(Duration::from_millis(2));
+        match command {
             Ok(Command::SetDown(down, reply)) => {
                 let result = if down {
                     cluster.broker_down(-1)
