@@ -168,7 +168,11 @@ impl EventConsumer {
             .set("group.id", &settings.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // A replica that dies (SIGKILL, lost host) hands its partitions over after this, not Kafka's 45 s
+            // default; heartbeats every second keep a live replica well inside it.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
         for (key, value) in &settings.overrides {
             config.set(key, value);
         }
