@@ -95,7 +95,10 @@ async fn request_ids_metrics_and_health() {
         ]),
         "{metrics}"
     );
-    assert!(metrics.contains("request_duration_seconds"), "{metrics}");
+    assert!(
+        metrics.contains("request_duration_seconds_bucket{"),
+        "a histogram: {metrics}"
+    );
     assert!(
         !metrics.contains(&batch_id),
         "batch ids never become labels"
