@@ -72,16 +72,22 @@ async fn demo_batches_complete_with_one_command_per_attempt_real_counts_and_owne
     let jwt = bos::config::JwtKey::Secret(bos::config::Secret::new(JWT_SECRET));
     let token = bos::api::auth::mint_token(&jwt, &user, None, 3600).unwrap();
     let batches = default_batches();
-    let results = bos::sim::demo::run(&bos.url(), &token, batches.clone(), Duration::from_secs(150))
-        .await
-        .unwrap_or_else(|e| panic!("demo failed: {e}\n{}", bos.log_text()));
+    let results = bos::sim::demo::run(
+        &bos.url(),
+        &token,
+        batches.clone(),
+        Duration::from_secs(150),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("demo failed: {e}\n{}", bos.log_text()));
     let _ = stop_simulator.send(());
     let stats = simulator.await.unwrap().unwrap();
     assert_eq!(stats.undecodable, 0);
 
     // Final statuses: every run ended, and every essay is accounted for.
     assert_eq!(results.len(), batches.len());
-    let by_batch: BTreeMap<String, &DemoResult> = results.iter().map(|r| (r.batch_id.clone(), r)).collect();
+    let by_batch: BTreeMap<String, &DemoResult> =
+        results.iter().map(|r| (r.batch_id.clone(), r)).collect();
     for (result, batch) in results.iter().zip(&batches) {
         assert_ne!(result.run_status, "RUNNING", "{result:?}");
         assert_eq!(result.succeeded + result.failed, batch.essays, "{result:?}");
@@ -98,28 +104,54 @@ async fn demo_batches_complete_with_one_command_per_attempt_real_counts_and_owne
     let commands = commands_by_key(&records);
     assert!(!commands.is_empty());
     for ((batch, phase, attempt), ids) in &commands {
-        assert_eq!(ids.len(), 1, "{batch} {phase} attempt {attempt} was commanded as {ids:?}");
-        assert!(by_batch.contains_key(batch), "a command for an unknown batch {batch}");
+        assert_eq!(
+            ids.len(),
+            1,
+            "{batch} {phase} attempt {attempt} was commanded as {ids:?}"
+        );
+        assert!(
+            by_batch.contains_key(batch),
+            "a command for an unknown batch {batch}"
+        );
     }
-    let matching = commands.keys().filter(|(_, phase, _)| phase == "student_matching").count();
-    assert_eq!(matching, batches.iter().filter(|b| b.class_id.is_some()).count());
+    let matching = commands
+        .keys()
+        .filter(|(_, phase, _)| phase == "student_matching")
+        .count();
+    assert_eq!(
+        matching,
+        batches.iter().filter(|b| b.class_id.is_some()).count()
+    );
     let completions: Vec<pe::BatchPipelineCompleted> = records
         .iter()
         .filter(|r| r.topic == completed_topic)
-        .map(|r| decode_payload::<pe::BatchPipelineCompleted>(&r.topic, Some(&r.payload)).unwrap().1)
+        .map(|r| {
+            decode_payload::<pe::BatchPipelineCompleted>(&r.topic, Some(&r.payload))
+                .unwrap()
+                .1
+        })
         .collect();
     assert_eq!(completions.len(), batches.len(), "one completion per run");
     for completion in &completions {
         let result = by_batch[&completion.batch_id];
         assert_eq!(completion.successful_essay_count, result.succeeded);
         assert_eq!(completion.failed_essay_count, result.failed);
-        assert_ne!(completion.final_status, pc::PipelineRunStatus::Running as i32);
+        assert_ne!(
+            completion.final_status,
+            pc::PipelineRunStatus::Running as i32
+        );
     }
 
     // The owner's channel: one batch_phase_concluded per concluded pipeline phase.
-    let pipeline_commands = commands.keys().filter(|(_, phase, _)| phase != "student_matching").count();
+    let pipeline_commands = commands
+        .keys()
+        .filter(|(_, phase, _)| phase != "student_matching")
+        .count();
     let seen = notifications.lock().unwrap().clone();
-    let concluded: Vec<_> = seen.iter().filter(|n| n["event"] == "batch_phase_concluded").collect();
+    let concluded: Vec<_> = seen
+        .iter()
+        .filter(|n| n["event"] == "batch_phase_concluded")
+        .collect();
     assert!(
         concluded.len() >= pipeline_commands,
         "{} notifications for {pipeline_commands} phases: {seen:#?}",
@@ -127,6 +159,9 @@ async fn demo_batches_complete_with_one_command_per_attempt_real_counts_and_owne
     );
     for notification in concluded {
         let batch = notification["batch_id"].as_str().unwrap_or_default();
-        assert!(by_batch.contains_key(batch), "notification for another batch: {notification}");
+        assert!(
+            by_batch.contains_key(batch),
+            "notification for another batch: {notification}"
+        );
     }
 }

@@ -49,12 +49,22 @@ impl Tansu {
             .arg("path")
             .output()
             .expect("run scripts/tansu path");
-        assert!(path.status.success(), "scripts/tansu path: {}", String::from_utf8_lossy(&path.stderr));
+        assert!(
+            path.status.success(),
+            "scripts/tansu path: {}",
+            String::from_utf8_lossy(&path.stderr)
+        );
         let bin = String::from_utf8_lossy(&path.stdout).trim().to_owned();
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -78,12 +88,19 @@ impl Tansu {
             .map(|name| NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1)))
             .collect();
         let results = admin
-            .create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .create_topics(
+                &topics,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .expect("create topics");
         for result in results {
             if let Err((topic, code)) = result {
-                assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create {topic}");
+                assert_eq!(
+                    code,
+                    rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                    "create {topic}"
+                );
             }
         }
     }
@@ -98,8 +115,14 @@ impl Drop for Tansu {
 
 pub async fn wait_for_port(port: u16, within: Duration) {
     let until = Instant::now() + within;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < until, "nothing listens on 127.0.0.1:{port}");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < until,
+            "nothing listens on 127.0.0.1:{port}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -127,7 +150,10 @@ impl BosProcess {
     pub async fn start(env: &StackEnv, extra: &[(&str, String)]) -> BosProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let log = std::env::temp_dir().join(format!("bos-e2e-{port}-{}.log", uuid::Uuid::now_v7().simple()));
+        let log = std::env::temp_dir().join(format!(
+            "bos-e2e-{port}-{}.log",
+            uuid::Uuid::now_v7().simple()
+        ));
         let file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_bos"));
         command
@@ -142,7 +168,10 @@ impl BosProcess {
             .env("BOS_JWT_SECRET", JWT_SECRET)
             .env("BOS_INTERNAL_API_KEY", INTERNAL_KEY)
             .env("BOS_PHASE_TIMEOUT_SECS", env.phase_timeout_secs.to_string())
-            .env("BOS_DATA_DIR", std::env::temp_dir().join(format!("bos-e2e-data-{port}")))
+            .env(
+                "BOS_DATA_DIR",
+                std::env::temp_dir().join(format!("bos-e2e-data-{port}")),
+            )
             .stdout(file.try_clone().expect("log file"))
             .stderr(file);
         if let Some(redis) = &env.redis_url {
@@ -171,7 +200,11 @@ impl BosProcess {
                     return true;
                 }
             }
-            assert!(Instant::now() < until, "bos did not become healthy; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < until,
+                "bos did not become healthy; log:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -201,16 +234,20 @@ impl Drop for BosProcess {
     }
 }
 
-pub type Client = BatchServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
->;
+pub type Client =
+    BatchServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 #[derive(Clone)]
 pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -219,12 +256,20 @@ impl tonic::service::Interceptor for Bearer {
 pub async fn client(process: &BosProcess, user: &str) -> Client {
     let jwt = bos::config::JwtKey::Secret(bos::config::Secret::new(JWT_SECRET));
     let token = bos::api::auth::mint_token(&jwt, user, None, 3600).expect("mint a token");
-    let channel = Channel::from_shared(process.url()).expect("url").connect().await.expect("connect");
+    let channel = Channel::from_shared(process.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
     let bearer = Bearer(format!("Bearer {token}").parse().expect("header"));
     BatchServiceClient::with_interceptor(channel, bearer)
 }
 
-pub async fn register(client: &mut Client, essays: i32, class_id: Option<&str>) -> api::RegisterBatchResponse {
+pub async fn register(
+    client: &mut Client,
+    essays: i32,
+    class_id: Option<&str>,
+) -> api::RegisterBatchResponse {
     client
         .register_batch(api::RegisterBatchRequest {
             expected_essay_count: essays,
@@ -264,7 +309,10 @@ pub async fn wait_until(
         if done(&view) {
             return view;
         }
-        assert!(Instant::now() < until, "batch {batch_id} did not get there: {view:#?}");
+        assert!(
+            Instant::now() < until,
+            "batch {batch_id} did not get there: {view:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -276,7 +324,10 @@ pub fn is_ready(view: &api::BatchView) -> bool {
 /// Every run of the view has ended.
 pub fn runs_ended(view: &api::BatchView) -> bool {
     let running = bos::proto::huleedu::common::v1::PipelineRunStatus::Running as i32;
-    view.current_run.iter().chain(&view.past_runs).all(|r| r.status != running)
+    view.current_run
+        .iter()
+        .chain(&view.past_runs)
+        .all(|r| r.status != running)
         && (view.current_run.is_some() || !view.past_runs.is_empty())
 }
 
@@ -284,10 +335,15 @@ pub fn runs_ended(view: &api::BatchView) -> bool {
 pub fn commands_by_key(records: &[ReadRecord]) -> BTreeMap<(String, String, String), Vec<String>> {
     let mut by_key: BTreeMap<(String, String, String), Vec<String>> = BTreeMap::new();
     for record in records {
-        let (Some(phase), Some(attempt)) = (record.header("phase"), record.header("attempt")) else {
+        let (Some(phase), Some(attempt)) = (record.header("phase"), record.header("attempt"))
+        else {
             continue;
         };
-        let key = (record.key.clone().unwrap_or_default(), phase.to_owned(), attempt.to_owned());
+        let key = (
+            record.key.clone().unwrap_or_default(),
+            phase.to_owned(),
+            attempt.to_owned(),
+        );
         let ids = by_key.entry(key).or_default();
         let id = record.header("event_id").unwrap_or_default().to_owned();
         if !ids.contains(&id) {
