@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::ids::{
-    Attempt, BatchId, ClassId, CorrelationId, CourseCode, EssayId, Language, OrgId, PhaseName, RunId, UserId,
+    Attempt, BatchId, ClassId, CorrelationId, CourseCode, EssayId, Language, OrgId, PhaseName,
+    RunId, UserId,
 };
 use super::input::EssayRef;
 use super::model::{ClassType, PhaseStatus, RunStatus};

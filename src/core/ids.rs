@@ -141,7 +141,12 @@ impl Attempt {
             .ok()
             .filter(|n| *n >= 1)
             .map(Attempt)
-            .ok_or_else(|| InvalidValue::new(field, format!("attempt must be a positive number, got {raw}")))
+            .ok_or_else(|| {
+                InvalidValue::new(
+                    field,
+                    format!("attempt must be a positive number, got {raw}"),
+                )
+            })
     }
     pub fn get(self) -> u32 {
         self.0
@@ -215,7 +220,12 @@ impl CourseCode {
         Self::ALL
             .into_iter()
             .find(|c| c.as_str() == wanted)
-            .ok_or_else(|| InvalidValue::new(field, format!("unknown course code '{raw}'; one of ENG5, ENG6, ENG7, SV1, SV2, SV3")))
+            .ok_or_else(|| {
+                InvalidValue::new(
+                    field,
+                    format!("unknown course code '{raw}'; one of ENG5, ENG6, ENG7, SV1, SV2, SV3"),
+                )
+            })
     }
 }
 
@@ -287,8 +297,14 @@ mod tests {
 
     #[test]
     fn course_code_decides_language_and_rejects_unknown() {
-        assert_eq!(CourseCode::parse("course_code", "eng6").map(|c| c.language()), Ok(Language::En));
-        assert_eq!(CourseCode::parse("course_code", "SV2").map(|c| c.language()), Ok(Language::Sv));
+        assert_eq!(
+            CourseCode::parse("course_code", "eng6").map(|c| c.language()),
+            Ok(Language::En)
+        );
+        assert_eq!(
+            CourseCode::parse("course_code", "SV2").map(|c| c.language()),
+            Ok(Language::Sv)
+        );
         let err = CourseCode::parse("course_code", "FR1").unwrap_err();
         assert_eq!(err.field, "course_code");
     }
@@ -298,7 +314,10 @@ mod tests {
         assert!(UserId::parse("user_id", "  ").is_err());
         assert!(UserId::parse("user_id", &"x".repeat(129)).is_err());
         assert!(UserId::parse("user_id", "a\u{7}b").is_err());
-        assert_eq!(UserId::parse("user_id", " u1 ").map(|u| u.as_str().to_owned()), Ok("u1".to_owned()));
+        assert_eq!(
+            UserId::parse("user_id", " u1 ").map(|u| u.as_str().to_owned()),
+            Ok("u1".to_owned())
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! `decide` stays a pure function.
 
 use super::ids::{
-    Attempt, BatchId, ClassId, CorrelationId, CourseCode, EssayId, OrgId, PhaseName, RunId, TextRef, UserId,
+    Attempt, BatchId, ClassId, CorrelationId, CourseCode, EssayId, OrgId, PhaseName, RunId,
+    TextRef, UserId,
 };
 use super::model::ClassType;
 

@@ -10,20 +10,20 @@ pub mod machine;
 pub mod model;
 pub mod orchestrator;
 pub mod ports;
+pub mod progress;
 pub mod registration;
 pub mod rejection;
-pub mod progress;
 pub mod run;
 
 pub use machine::{decide, Decision};
 
 #[cfg(test)]
-mod test_support;
-#[cfg(test)]
 mod machine_table_tests;
 #[cfg(test)]
-mod scenario_tests;
+mod orchestrator_tests;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
-mod orchestrator_tests;
+mod scenario_tests;
+#[cfg(test)]
+mod test_support;

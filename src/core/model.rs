@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 
 use super::ids::{
-    Attempt, BatchId, ClassId, CorrelationId, CourseCode, EssayId, OrgId, PhaseName, RunId, TextRef, UserId,
+    Attempt, BatchId, ClassId, CorrelationId, CourseCode, EssayId, OrgId, PhaseName, RunId,
+    TextRef, UserId,
 };
 
 /// Status of a batch (ARCHITECTURE §3).
@@ -90,11 +91,17 @@ impl PhaseStatus {
     /// A phase that produced output for at least some essays counts as done for the batch: later pipelines skip it,
     /// and its failed essays can still be retried explicitly. One rule, used everywhere (defect 18).
     pub fn counts_as_done(self) -> bool {
-        matches!(self, PhaseStatus::CompletedSuccessfully | PhaseStatus::CompletedWithPartialSuccess)
+        matches!(
+            self,
+            PhaseStatus::CompletedSuccessfully | PhaseStatus::CompletedWithPartialSuccess
+        )
     }
     /// Waiting for an outcome from the service that runs the phase.
     pub fn is_dispatched(self) -> bool {
-        matches!(self, PhaseStatus::DispatchInitiated | PhaseStatus::InProgress)
+        matches!(
+            self,
+            PhaseStatus::DispatchInitiated | PhaseStatus::InProgress
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {

@@ -47,7 +47,10 @@ pub enum ResolveError {
 
 /// Turns a requested phase into the ordered phases to run (the Batch Conductor Service or the built-in graph).
 pub trait PipelineResolver: Send + Sync {
-    fn resolve<'a>(&'a self, request: &'a ResolveRequest) -> BoxFuture<'a, Result<ResolvedPipeline, ResolveError>>;
+    fn resolve<'a>(
+        &'a self,
+        request: &'a ResolveRequest,
+    ) -> BoxFuture<'a, Result<ResolvedPipeline, ResolveError>>;
 }
 
 /// The consumed event that caused a unit of work; its id makes the unit happen at most once.
@@ -117,8 +120,15 @@ pub struct BatchSummary {
 pub trait BatchRepository: Send + Sync {
     /// Runs one unit of work in one transaction, calling `decide` with `now`; retries on a version conflict a
     /// bounded number of times. A duplicate inbox event is a committed no-op.
-    fn apply<'a>(&'a self, unit: UnitOfWork, now: DateTime<Utc>) -> BoxFuture<'a, Result<Applied, RepositoryError>>;
-    fn load<'a>(&'a self, batch_id: BatchId) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>>;
+    fn apply<'a>(
+        &'a self,
+        unit: UnitOfWork,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Applied, RepositoryError>>;
+    fn load<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>>;
     fn list_batches<'a>(
         &'a self,
         owner: &'a UserId,

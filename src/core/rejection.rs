@@ -11,7 +11,10 @@ pub enum Rejection {
     #[error("batch already exists")]
     AlreadyExists,
     #[error("{input} is not allowed while the batch is {from:?}")]
-    IllegalTransition { from: BatchStatus, input: &'static str },
+    IllegalTransition {
+        from: BatchStatus,
+        input: &'static str,
+    },
     #[error("pipeline run {run_id} is still active")]
     RunActive { run_id: RunId },
     #[error("no pipeline run is active")]
