@@ -92,7 +92,7 @@ impl std::fmt::Debug for RedisNotifier {
 
 impl RedisNotifier {
     /// Does not connect: the connection is made on first use and re-made after failures, so a
-    /// Redis that is down at start-up does not stop BOS.
+    /// Redis that is down at start-up does not stop BOS. Call it inside a Tokio runtime.
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self, NotifyError> {
         let client =
             redis::Client::open(url).map_err(|e| NotifyError::InvalidUrl(e.to_string()))?;
@@ -319,8 +319,8 @@ impl<R: BatchRepository + ?Sized> BatchRepository for PublishingRepository<R> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn own_announcements_are_ignored() {
+    #[tokio::test]
+    async fn own_announcements_are_ignored() {
         let notifier = RedisNotifier::new("redis://127.0.0.1:1", "t:").unwrap();
         let id = BatchId::from_uuid(Uuid::now_v7());
         assert_eq!(
