@@ -17,7 +17,8 @@ use bos::core::ports::{Applied, BatchRepository};
 use bos::core::registration::{validate, RawRegistration};
 use bos::events::broker::{BrokerOptions, EmbeddedBroker};
 use bos::events::codec::ProtobufEffectEncoder;
-use bos::events::relay::{DeliveryListener, Relay, RelayConfig};
+use bos::events::relay::{DeliveryListener, Relay, RelayConfig, RelayHandle};
+use bos::notify::feed::{ChangeFeed, NotifyingRepository};
 use bos::proto::huleedu::events::v1::EventEnvelope;
 use bos::store::entities::event_outbox;
 use bos::store::{OutboxPolicy, Store, StoreConfig};
@@ -183,12 +184,27 @@ fn spawn_relay(
     bootstrap: &str,
     listener: Option<Arc<dyn DeliveryListener>>,
 ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let relay = Relay::new(store, bootstrap, listener, relay_config()).unwrap();
+    let (stop, task, _) = spawn_relay_with(store, bootstrap, listener, relay_config());
+    (stop, task)
+}
+
+fn spawn_relay_with(
+    store: Store,
+    bootstrap: &str,
+    listener: Option<Arc<dyn DeliveryListener>>,
+    config: RelayConfig,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+    RelayHandle,
+) {
+    let relay = Relay::new(store, bootstrap, listener, config).unwrap();
+    let handle = relay.handle();
     let (stop, mut stopped) = watch::channel(false);
     let task = tokio::spawn(relay.run(async move {
         let _ = stopped.wait_for(|s| *s).await;
     }));
-    (stop, task)
+    (stop, task, handle)
 }
 
 async fn wait_drained(store: &Store, within: Duration) {
@@ -450,7 +466,12 @@ async fn two_relays_publish_every_row_exactly_once_in_order_per_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_outage_during_registrations_loses_and_duplicates_nothing() {
     let env = env().await;
-    let (stop, task) = spawn_relay(env.store.clone(), env.broker.bootstrap_servers(), None);
+    let (stop, task, handle) = spawn_relay_with(
+        env.store.clone(),
+        env.broker.bootstrap_servers(),
+        None,
+        relay_config(),
+    );
 
     // Some traffic while the broker is up.
     let mut batches = Vec::new();
@@ -468,6 +489,7 @@ async fn broker_outage_during_registrations_loses_and_duplicates_nothing() {
         during += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(!handle.is_healthy(), "the relay reports the outage");
     let stats = env.store.outbox_stats().await.unwrap();
     assert!(
         stats.pending > 0,
@@ -484,6 +506,7 @@ async fn broker_outage_during_registrations_loses_and_duplicates_nothing() {
         batches.push(register(&env.orchestrator, &format!("after-{i}")).await);
     }
     wait_drained(&env.store, Duration::from_secs(60)).await;
+    assert!(handle.is_healthy(), "healthy again once rows flow");
     let _ = stop.send(true);
     task.await.unwrap();
 
@@ -509,4 +532,46 @@ async fn broker_outage_during_registrations_loses_and_duplicates_nothing() {
     let batch_keys: HashSet<String> = batches.iter().map(ToString::to_string).collect();
     assert_eq!(keys, batch_keys);
     eprintln!("registered {} batches during a 4 s outage; {failed_attempts} failed publish attempts recorded", during);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_wakes_the_relay_without_waiting_for_its_poll() {
+    let env = env().await;
+    let mut config = relay_config();
+    // Only a wake-up can explain a publish within the test's deadline.
+    config.poll_interval = Duration::from_secs(120);
+    let (stop, task, handle) = spawn_relay_with(
+        env.store.clone(),
+        env.broker.bootstrap_servers(),
+        None,
+        config,
+    );
+    let feed = ChangeFeed::new();
+    let (stop_wake, mut wake_stopped) = watch::channel(false);
+    let waker = tokio::spawn(handle.wake_on_changes(feed.clone(), async move {
+        let _ = wake_stopped.wait_for(|s| *s).await;
+    }));
+    let orchestrator = Orchestrator::new(
+        Arc::new(NotifyingRepository::new(Arc::new(env.store.clone()), feed)),
+        Arc::new(BuiltinResolver::default()),
+        Arc::new(SystemClock),
+        Arc::new(UuidV7Generator),
+    );
+    // Let the relay's first (empty) round pass, so it is asleep in its long poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for i in 0..3 {
+        let started = Instant::now();
+        register(&orchestrator, &format!("prompt-{i}")).await;
+        wait_drained(&env.store, Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "published {:?} after the commit",
+            started.elapsed()
+        );
+    }
+    let _ = stop_wake.send(true);
+    let _ = stop.send(true);
+    waker.await.unwrap();
+    task.await.unwrap();
 }

@@ -8,6 +8,7 @@
 //! is unreachable. It is woken right after a commit and polls slowly as a safety net.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,9 +109,15 @@ impl DeliveryListener for Orchestrator {
 #[derive(Debug, Clone)]
 pub struct RelayHandle {
     notify: Arc<Notify>,
+    healthy: Arc<AtomicBool>,
 }
 
 impl RelayHandle {
+    /// False while publishing fails (broker unreachable or the database failing); for health reports.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
     pub fn wake(&self) {
         // A stored permit makes a wake that arrives while the relay is busy count for its next wait.
         self.notify.notify_one();
@@ -146,6 +153,7 @@ pub struct Relay {
     producer: FutureProducer,
     listener: Option<Arc<dyn DeliveryListener>>,
     notify: Arc<Notify>,
+    healthy: Arc<AtomicBool>,
     config: RelayConfig,
 }
 
@@ -173,6 +181,7 @@ impl Relay {
             producer,
             listener,
             notify: Arc::new(Notify::new()),
+            healthy: Arc::new(AtomicBool::new(true)),
             config,
         })
     }
@@ -180,6 +189,7 @@ impl Relay {
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
             notify: self.notify.clone(),
+            healthy: self.healthy.clone(),
         }
     }
 
@@ -216,6 +226,7 @@ impl Relay {
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "outbox relay round failed; backing off");
                 }
             }
+            self.healthy.store(failures == 0, Ordering::Relaxed);
             if gauge_refreshed.is_none_or(|t| t.elapsed() >= self.config.gauge_interval) {
                 self.refresh_parked_gauge().await;
                 gauge_refreshed = Some(Instant::now());
