@@ -136,3 +136,22 @@ async fn the_database_enforces_the_checks(db: &TestDb) {
     assert!(err.to_string().contains("ck_batches_course_code"), "{err}");
 }
 on_both_backends!(checks_are_enforced, the_database_enforces_the_checks);
+
+#[tokio::test]
+async fn an_in_memory_sqlite_store_migrates_and_round_trips() {
+    use bos::core::ports::BatchRepository;
+    use std::sync::Arc;
+    let store = bos::store::Store::connect("sqlite::memory:")
+        .await
+        .unwrap()
+        .with_encoder(Arc::new(support::TestEncoder));
+    store.migrate().await.unwrap();
+    let new = support::fixtures::new_batch("teacher-1", 3, false);
+    store
+        .apply(support::fixtures::register(&new), chrono::Utc::now())
+        .await
+        .unwrap();
+    let stored = store.load(new.batch_id).await.unwrap().unwrap();
+    assert_eq!(stored.essays.len(), 3);
+    assert!(bos::store::Store::connect("mysql://nope").await.is_err());
+}
