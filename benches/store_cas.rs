@@ -26,7 +26,10 @@ use support::fixtures::{new_batch, register, unit};
 use support::{TestDb, TestEncoder};
 
 fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -41,7 +44,10 @@ async fn open() -> (Store, Option<TestDb>) {
     };
     match std::env::var("BOS_BENCH_DATABASE_URL") {
         Ok(url) => {
-            let store = Store::connect_with(&url, config).await.expect("connect").with_encoder(Arc::new(TestEncoder));
+            let store = Store::connect_with(&url, config)
+                .await
+                .expect("connect")
+                .with_encoder(Arc::new(TestEncoder));
             store.migrate().await.expect("migrate");
             (store, None)
         }
@@ -58,7 +64,10 @@ async fn bench_register(store: &Store, rounds: usize) {
     for _ in 0..rounds {
         let new = new_batch("bench-owner", 1000, true);
         let started = Instant::now();
-        store.apply(register(&new), Utc::now()).await.expect("register");
+        store
+            .apply(register(&new), Utc::now())
+            .await
+            .expect("register");
         times.push(started.elapsed());
     }
     times.sort();
@@ -83,7 +92,12 @@ struct Tally {
 }
 
 /// 16 tasks × ops over `targets`; each op fails one essay with a new message, so every op really changes a row.
-async fn bench_apply(store: &Store, targets: &Arc<Vec<Target>>, tasks: usize, ops: usize) -> (f64, Tally) {
+async fn bench_apply(
+    store: &Store,
+    targets: &Arc<Vec<Target>>,
+    tasks: usize,
+    ops: usize,
+) -> (f64, Tally) {
     let started = Instant::now();
     let handles: Vec<_> = (0..tasks)
         .map(|t| {
@@ -123,7 +137,12 @@ async fn bench_apply(store: &Store, targets: &Arc<Vec<Target>>, tasks: usize, op
 }
 
 /// The same concurrency and batches: read the version, `UPDATE … WHERE id = ? AND version = ?`, retry on 0 rows.
-async fn bench_raw(store: &Store, targets: &Arc<Vec<Target>>, tasks: usize, ops: usize) -> (f64, u64) {
+async fn bench_raw(
+    store: &Store,
+    targets: &Arc<Vec<Target>>,
+    tasks: usize,
+    ops: usize,
+) -> (f64, u64) {
     let backend = store.backend();
     let started = Instant::now();
     let handles: Vec<_> = (0..tasks)
@@ -167,7 +186,10 @@ async fn bench_raw(store: &Store, targets: &Arc<Vec<Target>>, tasks: usize, ops:
     for h in handles {
         conflicts += h.await.expect("task");
     }
-    ((tasks * ops) as f64 / started.elapsed().as_secs_f64(), conflicts)
+    (
+        (tasks * ops) as f64 / started.elapsed().as_secs_f64(),
+        conflicts,
+    )
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -179,7 +201,10 @@ async fn main() {
         _ => "other",
     };
     let (tasks, batches) = (knob("BOS_BENCH_TASKS", 16), knob("BOS_BENCH_BATCHES", 64));
-    let (apply_ops, raw_ops) = (knob("BOS_BENCH_APPLY_OPS", 100), knob("BOS_BENCH_RAW_OPS", 1000));
+    let (apply_ops, raw_ops) = (
+        knob("BOS_BENCH_APPLY_OPS", 100),
+        knob("BOS_BENCH_RAW_OPS", 1000),
+    );
     println!("store_cas on {backend}: {tasks} tasks, {batches} batches");
 
     // Warm the pool and the caches.
@@ -189,7 +214,10 @@ async fn main() {
     let mut targets = Vec::with_capacity(batches);
     for _ in 0..batches {
         let new = new_batch("bench-owner", 16, false);
-        store.apply(register(&new), Utc::now()).await.expect("register target");
+        store
+            .apply(register(&new), Utc::now())
+            .await
+            .expect("register target");
         targets.push(Target {
             batch_id: new.batch_id,
             essays: new.essay_ids.clone(),
@@ -204,6 +232,12 @@ async fn main() {
         tally.ok, tally.conflicts, tally.rejected
     );
     let (raw_rate, raw_conflicts) = bench_raw(&store, &targets, tasks, raw_ops).await;
-    println!("raw single-row CAS loop: {raw_rate:.0} commits/s ({raw_conflicts} lost races retried)");
-    println!("ratio raw / apply: {:.2}x (apply reaches {:.0}% of the raw CAS rate)", raw_rate / apply_rate, 100.0 * apply_rate / raw_rate);
+    println!(
+        "raw single-row CAS loop: {raw_rate:.0} commits/s ({raw_conflicts} lost races retried)"
+    );
+    println!(
+        "ratio raw / apply: {:.2}x (apply reaches {:.0}% of the raw CAS rate)",
+        raw_rate / apply_rate,
+        100.0 * apply_rate / raw_rate
+    );
 }

@@ -3,6 +3,7 @@
 //! thing to a power cut the test can cause).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 /// Where a unit of work or the relay can be made to fail.
@@ -60,6 +61,17 @@ static CRASH_POINT: LazyLock<Option<FaultPoint>> = LazyLock::new(|| {
         .and_then(|v| FaultPoint::from_name(&v))
 });
 
+/// `BOS_CRASH_AFTER_HITS=N` lets the crash point pass N times before aborting, so a crash test can aim at the
+/// middle of a flow rather than its first unit of work.
+static CRASH_AFTER_HITS: LazyLock<u64> = LazyLock::new(|| {
+    std::env::var("BOS_CRASH_AFTER_HITS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+});
+
+static CRASH_POINT_HITS: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Debug, Default)]
 struct PlanState {
     /// How many more times each point fails; `u32::MAX` means always.
@@ -102,7 +114,9 @@ impl FaultPlan {
 
     /// Called by the code at `point`: aborts the process if `BOS_CRASH_POINT` names it, fails if armed.
     pub fn hit(&self, point: FaultPoint) -> Result<(), InjectedFault> {
-        if *CRASH_POINT == Some(point) {
+        if *CRASH_POINT == Some(point)
+            && CRASH_POINT_HITS.fetch_add(1, Ordering::SeqCst) >= *CRASH_AFTER_HITS
+        {
             eprintln!("BOS_CRASH_POINT={}: aborting", point.name());
             std::process::abort();
         }
