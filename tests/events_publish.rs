@@ -21,13 +21,13 @@ use bos::events::relay::{DeliveryListener, Relay, RelayConfig, RelayHandle};
 use bos::notify::feed::{ChangeFeed, NotifyingRepository};
 use bos::proto::huleedu::events::v1::EventEnvelope;
 use bos::store::entities::event_outbox;
-use bos::store::{OutboxPolicy, Store, StoreConfig};
+use bos::store::{OutboxPolicy, OutboxStats, Store, StoreConfig};
 use chrono::Utc;
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sea_orm::{ActiveValue, EntityTrait, QueryOrder};
+use sea_orm::{ActiveValue, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use support::fixtures;
 use support::TestDb;
 use tokio::sync::watch;
@@ -207,17 +207,22 @@ fn spawn_relay_with(
     (stop, task, handle)
 }
 
-async fn wait_drained(store: &Store, within: Duration) {
+/// Waits until no row is pending (published or parked).
+async fn wait_settled(store: &Store, within: Duration) -> OutboxStats {
     let started = Instant::now();
     loop {
         let stats = store.outbox_stats().await.unwrap();
         if stats.pending == 0 {
-            assert_eq!(stats.parked, 0, "nothing may be parked");
-            return;
+            return stats;
         }
         assert!(started.elapsed() < within, "outbox not drained: {stats:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn wait_drained(store: &Store, within: Duration) {
+    let stats = wait_settled(store, within).await;
+    assert_eq!(stats.parked, 0, "nothing may be parked");
 }
 
 async fn outbox_rows(store: &Store) -> Vec<event_outbox::Model> {
@@ -489,7 +494,14 @@ async fn broker_outage_during_registrations_loses_and_duplicates_nothing() {
         during += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!handle.is_healthy(), "the relay reports the outage");
+    let noticed = Instant::now();
+    while handle.is_healthy() {
+        assert!(
+            noticed.elapsed() < Duration::from_secs(10),
+            "the relay never reported the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let stats = env.store.outbox_stats().await.unwrap();
     assert!(
         stats.pending > 0,
@@ -574,4 +586,56 @@ async fn a_commit_wakes_the_relay_without_waiting_for_its_poll() {
     let _ = stop.send(true);
     waker.await.unwrap();
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_that_keeps_failing_is_parked_and_starves_nobody() {
+    let env = env().await;
+    let topic = format!("bos.test.park.{}", Uuid::new_v4().simple());
+    env.broker.create_topic(&topic, PARTITIONS).unwrap();
+    // The producer refuses records above message.max.bytes (1 MB) before they leave the process.
+    let poison = insert_raw_rows(&env.store, &topic, &["poison".to_owned()], 1).await;
+    event_outbox::Entity::update_many()
+        .col_expr(
+            event_outbox::Column::Payload,
+            sea_orm::sea_query::Expr::value(vec![0u8; 2 * 1024 * 1024]),
+        )
+        .filter(event_outbox::Column::MessageKey.eq("poison"))
+        .exec(env.store.connection())
+        .await
+        .unwrap();
+    // Later rows of the same key wait behind it only until it is parked.
+    let mut healthy = insert_raw_rows(&env.store, &topic, &["poison".to_owned()], 2).await;
+    healthy.extend(insert_raw_rows(&env.store, &topic, &["fine".to_owned()], 5).await);
+
+    let mut config = store_config();
+    config.outbox.max_attempts = 3;
+    config.outbox.base_backoff = Duration::from_millis(10);
+    let store = Store::connect_with(&env._db.url, config).await.unwrap();
+    let (stop, task) = spawn_relay(store, env.broker.bootstrap_servers(), None);
+    let stats = wait_settled(&env.store, Duration::from_secs(20)).await;
+    let _ = stop.send(true);
+    task.await.unwrap();
+    assert_eq!(stats.parked, 1, "{stats:?}");
+    let parked = env.store.parked_rows(10).await.unwrap();
+    assert_eq!(parked[0].event_id.to_string(), poison[0].1.to_string());
+    assert_eq!(parked[0].attempts, 3);
+    let records = read_topics(
+        env.broker.bootstrap_servers(),
+        std::slice::from_ref(&topic),
+        healthy.len(),
+        Duration::from_secs(20),
+    )
+    .await;
+    for key in ["poison", "fine"] {
+        let mut of_key: Vec<&Record> = records.iter().filter(|r| r.key == key).collect();
+        of_key.sort_by_key(|r| r.offset);
+        let got: Vec<String> = of_key.iter().map(|r| r.event_id()).collect();
+        let want: Vec<String> = healthy
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, id)| id.to_string())
+            .collect();
+        assert_eq!(got, want, "every other row of {key} went out, in order");
+    }
 }

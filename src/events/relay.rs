@@ -202,9 +202,14 @@ impl Relay {
         loop {
             let round = self.publish_round().await;
             let mut pause = self.config.poll_interval;
+            let mut backing_off = true;
             match round {
                 Ok(report) if report.failed == 0 => {
-                    failures = 0;
+                    backing_off = false;
+                    // An empty round says nothing about the broker; only a delivery clears failures.
+                    if report.published > 0 {
+                        failures = 0;
+                    }
                     if report.claimed as u32 >= self.config.batch_size {
                         // More rows may be due right now.
                         pause = Duration::ZERO;
@@ -234,7 +239,6 @@ impl Relay {
             if pause.is_zero() {
                 continue;
             }
-            let backing_off = failures > 0;
             tokio::select! {
                 () = &mut shutdown => break,
                 // While backing off a commit must not cut the pause short: the broker is the problem.
