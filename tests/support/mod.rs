@@ -9,6 +9,7 @@
 
 pub mod fixtures;
 pub mod kafka;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
