@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -17,7 +17,7 @@ use futures::future::join_all;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::Notify;
 
 use super::codec::header;
@@ -150,7 +150,9 @@ pub struct RoundReport {
 
 pub struct Relay {
     store: Store,
-    producer: FutureProducer,
+    /// Replaced when the idempotent producer hits a fatal error (it refuses every send after one).
+    producer: Mutex<FutureProducer>,
+    producer_config: ClientConfig,
     listener: Option<Arc<dyn DeliveryListener>>,
     notify: Arc<Notify>,
     healthy: Arc<AtomicBool>,
@@ -165,7 +167,8 @@ impl Relay {
         listener: Option<Arc<dyn DeliveryListener>>,
         config: RelayConfig,
     ) -> Result<Self, RelayError> {
-        let producer: FutureProducer = ClientConfig::new()
+        let mut producer_config = ClientConfig::new();
+        producer_config
             .set("bootstrap.servers", bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -174,11 +177,12 @@ impl Relay {
                 "message.timeout.ms",
                 config.delivery_timeout.as_millis().to_string(),
             )
-            .set("client.id", "bos-outbox-relay")
-            .create()?;
+            .set("client.id", "bos-outbox-relay");
+        let producer: FutureProducer = producer_config.create()?;
         Ok(Self {
             store,
-            producer,
+            producer: Mutex::new(producer),
+            producer_config,
             listener,
             notify: Arc::new(Notify::new()),
             healthy: Arc::new(AtomicBool::new(true)),
@@ -231,6 +235,9 @@ impl Relay {
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "outbox relay round failed; backing off");
                 }
             }
+            if backing_off {
+                self.renew_producer_if_fatal();
+            }
             self.healthy.store(failures == 0, Ordering::Relaxed);
             if gauge_refreshed.is_none_or(|t| t.elapsed() >= self.config.gauge_interval) {
                 self.refresh_parked_gauge().await;
@@ -258,13 +265,31 @@ impl Relay {
             .min(self.config.backoff_cap)
     }
 
+    fn producer(&self) -> FutureProducer {
+        // A poisoned lock still holds a usable producer handle.
+        self.producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After failures: if the producer is fatally broken, build a new one (a new producer id and
+    /// epoch), so the relay recovers without a restart.
+    fn renew_producer_if_fatal(&self) {
+        let Some((code, reason)) = self.producer().client().fatal_error() else {
+            return;
+        };
+        tracing::error!(?code, %reason, "fatal Kafka producer error; creating a new producer");
+        metrics::counter!("relay_producer_renewed_total").increment(1);
+        match self.producer_config.create::<FutureProducer>() {
+            Ok(fresh) => *self.producer.lock().unwrap_or_else(|p| p.into_inner()) = fresh,
+            Err(e) => tracing::error!(error = %e, "cannot create a new Kafka producer"),
+        }
+    }
+
     async fn producer_flush(&self) {
-        let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer;
-            producer.flush(Duration::from_secs(5))
-        })
-        .await;
+        let producer = self.producer();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
     }
 
     async fn refresh_parked_gauge(&self) {
@@ -356,7 +381,7 @@ impl Relay {
             .payload(&row.payload)
             .headers(headers);
         let delivery = self
-            .producer
+            .producer()
             .send_result(record)
             .map_err(|(e, _)| e.to_string())?;
         match delivery.await {
