@@ -203,6 +203,12 @@ where
         relay.handle().wake_on_changes(feed.clone(), stopped()),
     ));
     tasks.push(tokio::spawn(relay.run(stopped())));
+    tasks.push(tokio::spawn(crate::store::retention::run_pruning(
+        store.clone(),
+        config.retention,
+        Duration::from_secs(600),
+        stopped(),
+    )));
     tasks.push(tokio::spawn(scanner::run(
         Arc::clone(&orchestrator),
         ScannerConfig::new(config.phase_timeout),

@@ -17,6 +17,9 @@ pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = ".bos";
 /// Default phase timeout: one hour.
 pub const DEFAULT_PHASE_TIMEOUT_SECS: u64 = 3600;
+/// Default retention of published outbox rows and processed-event ids: a week.
+pub const DEFAULT_RETENTION_HOURS: u64 = 168;
+const MAX_RETENTION_HOURS: u64 = 24 * 366;
 /// Default Kafka consumer group.
 pub const DEFAULT_KAFKA_GROUP: &str = "bos";
 
@@ -108,6 +111,8 @@ pub struct ConfigLayer {
     pub bcs_url: Option<String>,
     /// `BOS_PHASE_TIMEOUT_SECS`.
     pub phase_timeout_secs: Option<u64>,
+    /// `BOS_RETENTION_HOURS`.
+    pub retention_hours: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -148,13 +153,12 @@ impl ConfigLayer {
                 "BOS_INTERNAL_API_KEY" => layer.internal_api_key = Some(value),
                 "BOS_BCS_URL" => layer.bcs_url = Some(value),
                 "BOS_PHASE_TIMEOUT_SECS" => {
-                    let secs = value.trim().parse::<u64>().map_err(|_| {
-                        invalid(
-                            "BOS_PHASE_TIMEOUT_SECS",
-                            format!("not a whole number of seconds '{value}'"),
-                        )
-                    })?;
-                    layer.phase_timeout_secs = Some(secs);
+                    layer.phase_timeout_secs =
+                        Some(whole_number("BOS_PHASE_TIMEOUT_SECS", "seconds", &value)?);
+                }
+                "BOS_RETENTION_HOURS" => {
+                    layer.retention_hours =
+                        Some(whole_number("BOS_RETENTION_HOURS", "hours", &value)?);
                 }
                 _ => {}
             }
@@ -178,10 +182,18 @@ impl ConfigLayer {
             jwt_public_key,
             internal_api_key,
             bcs_url,
-            phase_timeout_secs
+            phase_timeout_secs,
+            retention_hours
         );
         self
     }
+}
+
+fn whole_number(setting: &'static str, unit: &str, value: &str) -> Result<u64, ConfigError> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| invalid(setting, format!("not a whole number of {unit} '{value}'")))
 }
 
 /// How user tokens are verified.
@@ -218,6 +230,9 @@ pub struct Config {
     pub bcs_url: Option<String>,
     /// How long a dispatched phase may run before it fails with a timeout.
     pub phase_timeout: Duration,
+    /// How long published outbox rows and processed-event ids are kept (`BOS_RETENTION_HOURS`). The inbox
+    /// deduplicates redeliveries only within this window, so it must outlast the longest redelivery.
+    pub retention: Duration,
 }
 
 impl Config {
@@ -294,6 +309,14 @@ impl Config {
             ));
         }
 
+        let hours = layer.retention_hours.unwrap_or(DEFAULT_RETENTION_HOURS);
+        if hours == 0 || hours > MAX_RETENTION_HOURS {
+            return Err(invalid(
+                "BOS_RETENTION_HOURS",
+                format!("{hours} is out of range 1..={MAX_RETENTION_HOURS}"),
+            ));
+        }
+
         Ok(Self {
             listen_addr,
             data_dir,
@@ -305,6 +328,7 @@ impl Config {
             internal_api_key,
             bcs_url,
             phase_timeout: Duration::from_secs(secs),
+            retention: Duration::from_secs(hours * 3600),
         })
     }
 
@@ -441,6 +465,7 @@ impl fmt::Debug for Config {
             .field("internal_api_key", &self.internal_api_key)
             .field("bcs_url", &self.bcs_url)
             .field("phase_timeout", &self.phase_timeout)
+            .field("retention", &self.retention)
             .finish()
     }
 }

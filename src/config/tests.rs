@@ -117,6 +117,7 @@ fn every_env_variable_reaches_its_setting() {
         ("BOS_INTERNAL_API_KEY", "internal-key-0123456789"),
         ("BOS_BCS_URL", "https://bcs.example:443"),
         ("BOS_PHASE_TIMEOUT_SECS", "90"),
+        ("BOS_RETENTION_HOURS", "48"),
     ]))
     .unwrap();
     assert_eq!(config.listen_addr, "0.0.0.0:9000".parse().unwrap());
@@ -138,6 +139,7 @@ fn every_env_variable_reaches_its_setting() {
     );
     assert_eq!(config.bcs_url.as_deref(), Some("https://bcs.example:443"));
     assert_eq!(config.phase_timeout, Duration::from_secs(90));
+    assert_eq!(config.retention, Duration::from_secs(48 * 3600));
 }
 
 fn error_of(pairs: &[(&str, &str)]) -> String {
@@ -172,6 +174,9 @@ fn invalid_values_are_rejected_with_the_setting_named() {
         ("BOS_PHASE_TIMEOUT_SECS", "0"),
         ("BOS_PHASE_TIMEOUT_SECS", "ten"),
         ("BOS_PHASE_TIMEOUT_SECS", "99999999"),
+        ("BOS_RETENTION_HOURS", "0"),
+        ("BOS_RETENTION_HOURS", "a week"),
+        ("BOS_RETENTION_HOURS", "100000"),
     ];
     for (key, value) in cases {
         let message = error_of(&[(key, value)]);

@@ -11,6 +11,7 @@ pub mod mapping;
 pub mod outbox;
 mod queries;
 mod repository;
+pub mod retention;
 
 use std::sync::Arc;
 use std::time::Duration;
