@@ -9,6 +9,9 @@
 //! Database: `BOS_BENCH_DATABASE_URL` (postgres:// or sqlite://), else a fresh database on the local PostgreSQL
 //! (see tests/support). Knobs: `BOS_BENCH_TASKS` (16), `BOS_BENCH_BATCHES` (64), `BOS_BENCH_APPLY_OPS` (100 per
 //! task), `BOS_BENCH_RAW_OPS` (1,000 per task), `BOS_BENCH_REGISTERS` (30).
+//!
+//! Without the `--bench` argument (`cargo test --all-targets` runs this target too) it runs a smoke configuration
+//! of a few operations, so CI exercises the code without paying for the measurement.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -25,7 +28,18 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 use support::fixtures::{new_batch, register, unit};
 use support::{TestDb, TestEncoder};
 
-fn knob(name: &str, default: usize) -> usize {
+/// `cargo bench` passes `--bench`; `cargo test` does not.
+fn started_by_cargo_bench() -> bool {
+    std::env::args().skip(1).any(|a| a == "--bench")
+}
+
+/// A knob's value: the environment, else `full` under `cargo bench`, else the smoke value.
+fn knob(name: &str, full: usize, smoke: usize) -> usize {
+    let default = if started_by_cargo_bench() {
+        full
+    } else {
+        smoke
+    };
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -59,10 +73,10 @@ async fn open() -> (Store, Option<TestDb>) {
     }
 }
 
-async fn bench_register(store: &Store, rounds: usize) {
+async fn bench_register(store: &Store, rounds: usize, essays: usize) {
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let new = new_batch("bench-owner", 1000, true);
+        let new = new_batch("bench-owner", essays, true);
         let started = Instant::now();
         store
             .apply(register(&new), Utc::now())
@@ -72,7 +86,7 @@ async fn bench_register(store: &Store, rounds: usize) {
     }
     times.sort();
     println!(
-        "register 1,000 essays: p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms ({rounds} rounds)",
+        "register {essays} essays: p50 {:.2} ms, p95 {:.2} ms, min {:.2} ms ({rounds} rounds)",
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.95).as_secs_f64() * 1e3,
         times[0].as_secs_f64() * 1e3,
@@ -200,16 +214,25 @@ async fn main() {
         DbBackend::Sqlite => "SQLite",
         _ => "other",
     };
-    let (tasks, batches) = (knob("BOS_BENCH_TASKS", 16), knob("BOS_BENCH_BATCHES", 64));
-    let (apply_ops, raw_ops) = (
-        knob("BOS_BENCH_APPLY_OPS", 100),
-        knob("BOS_BENCH_RAW_OPS", 1000),
+    let (tasks, batches) = (
+        knob("BOS_BENCH_TASKS", 16, 2),
+        knob("BOS_BENCH_BATCHES", 64, 2),
     );
-    println!("store_cas on {backend}: {tasks} tasks, {batches} batches");
+    let (apply_ops, raw_ops) = (
+        knob("BOS_BENCH_APPLY_OPS", 100, 3),
+        knob("BOS_BENCH_RAW_OPS", 1000, 3),
+    );
+    let essays = knob("BOS_BENCH_ESSAYS", 1000, 10);
+    let mode = if started_by_cargo_bench() {
+        "full"
+    } else {
+        "smoke (not started by cargo bench)"
+    };
+    println!("store_cas on {backend}, {mode}: {tasks} tasks, {batches} batches");
 
     // Warm the pool and the caches.
-    bench_register(&store, 3).await;
-    bench_register(&store, knob("BOS_BENCH_REGISTERS", 30)).await;
+    bench_register(&store, knob("BOS_BENCH_WARMUP", 3, 1), essays).await;
+    bench_register(&store, knob("BOS_BENCH_REGISTERS", 30, 2), essays).await;
 
     let mut targets = Vec::with_capacity(batches);
     for _ in 0..batches {
@@ -231,6 +254,9 @@ async fn main() {
          ({} ok, {} gave up on conflict, {} rejected)",
         tally.ok, tally.conflicts, tally.rejected
     );
+    // Every op changes a live batch: a rejection or no commit at all is a bug, in smoke mode too.
+    assert_eq!(tally.rejected, 0, "apply rejected a valid change");
+    assert!(tally.ok > 0, "no unit of work committed");
     let (raw_rate, raw_conflicts) = bench_raw(&store, &targets, tasks, raw_ops).await;
     println!(
         "raw single-row CAS loop: {raw_rate:.0} commits/s ({raw_conflicts} lost races retried)"
