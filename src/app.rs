@@ -219,7 +219,7 @@ where
         Some(url) => Dedupe::redis(DedupeConfig::new(url.expose()))?,
         None => Dedupe::disabled(),
     };
-    let handler = EventHandler::new(Arc::clone(&orchestrator)).with_inbox(Arc::new(store.clone()));
+    let handler = EventHandler::new(Arc::clone(&orchestrator));
     let consumer = EventConsumer::new(
         &ConsumerSettings::new(&bootstrap, &config.kafka_group),
         handler,

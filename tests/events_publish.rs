@@ -36,7 +36,7 @@ async fn relay_publishes_stored_ids_and_headers_and_confirms_phase_delivery() {
         .unwrap();
     let owner = Actor::User(agg.batch.owner.clone());
     env.orchestrator
-        .request_pipeline(owner, batch_id, PhaseName::Nlp, None, None)
+        .request_pipeline(owner, batch_id, PhaseName::Nlp, Default::default())
         .await
         .unwrap();
 

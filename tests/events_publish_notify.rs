@@ -60,8 +60,7 @@ async fn dispatched_spellcheck(orch: &Orchestrator, store: &Store, owner: &str) 
         Actor::User(owner),
         batch_id,
         PhaseName::Spellcheck,
-        None,
-        None,
+        Default::default(),
     )
     .await
     .unwrap();

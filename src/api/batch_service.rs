@@ -16,7 +16,7 @@ use super::views::{batch_view, course_code_text, parse_phase, phase_name, run_st
 use crate::core::ids::{BatchId, RunId};
 use crate::core::input::Actor;
 use crate::core::model::{BatchAggregate, RunStatus};
-use crate::core::orchestrator::Orchestrator;
+use crate::core::orchestrator::{Orchestrator, RequestOrigin};
 use crate::core::registration::{validate, RawRegistration};
 use crate::notify::feed::ChangeFeed;
 use crate::proto::huleedu::bos::v1 as pb;
@@ -117,7 +117,13 @@ impl BatchService for BatchApi {
         };
         let accepted = self
             .orchestrator
-            .retry_phase(actor.clone(), batch_id, phase, optional(body.reason))
+            .retry_phase(
+                actor.clone(),
+                batch_id,
+                phase,
+                optional(body.reason),
+                RequestOrigin::default(),
+            )
             .await
             .map_err(to_status)?;
         // The attempt is decided inside the transaction; read it back from the committed run.
@@ -162,7 +168,7 @@ impl BatchService for BatchApi {
         };
         let accepted = self
             .orchestrator
-            .request_pipeline(actor, batch_id, requested, None, None)
+            .request_pipeline(actor, batch_id, requested, RequestOrigin::default())
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RequestPipelineResponse {

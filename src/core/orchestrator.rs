@@ -1,6 +1,7 @@
 //! The application service both transports call: it gathers what `decide` needs (ids, time, the resolved
 //! pipeline) and hands one unit of work to the repository, which runs `decide` inside its transaction.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +87,34 @@ impl IdGenerator for UuidV7Generator {
     }
 }
 
+/// Where a pipeline request or retry comes from, beyond who asks for what.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestOrigin {
+    /// The run's correlation id (a consumed event's own); a new one when absent.
+    pub correlation: Option<CorrelationId>,
+    /// The consumed event carrying the request: its redelivery is `OrchestratorError::Duplicate`, whatever the
+    /// batch's state by then.
+    pub inbox: Option<InboxEntry>,
+}
+
+impl RequestOrigin {
+    /// A request carried by a consumed event.
+    pub fn event(inbox: InboxEntry, correlation: Option<CorrelationId>) -> Self {
+        Self {
+            correlation,
+            inbox: Some(inbox),
+        }
+    }
+}
+
+/// What a new run is asked to do, once the batch has been checked.
+struct StartRun {
+    requested: PhaseName,
+    done: Vec<PhaseName>,
+    is_retry: bool,
+    reason: Option<String>,
+}
+
 pub struct Orchestrator {
     repo: Arc<dyn BatchRepository>,
     resolver: Arc<dyn PipelineResolver>,
@@ -130,77 +159,115 @@ impl Orchestrator {
         })
     }
 
-    /// A pipeline request from a user (RPC) or from the client pipeline request event (`inbox` set). The request
-    /// is checked before the resolver is asked, and checked again inside the transaction.
+    /// A pipeline request from a user (RPC) or from the client pipeline request event (`origin.inbox` set). The
+    /// request is checked before the resolver is asked, and checked again inside the transaction.
     pub async fn request_pipeline(
         &self,
         actor: Actor,
         batch_id: BatchId,
         requested: PhaseName,
-        correlation: Option<CorrelationId>,
-        inbox: Option<InboxEntry>,
+        origin: RequestOrigin,
     ) -> Result<RunAccepted, OrchestratorError> {
         if !requested.is_pipeline_phase() {
             let reason = format!("{requested} is not a pipeline phase");
             return Err(Rejection::Invalid(InvalidValue::new("requested_pipeline", reason)).into());
         }
-        let agg = self.batch_for(&actor, batch_id).await?;
-        if let Some(run) = agg.active_run() {
-            return Err(Rejection::RunActive { run_id: run.id }.into());
-        }
-        let correlation_id =
-            correlation.unwrap_or_else(|| CorrelationId::from_uuid(self.ids.new_id()));
-        let done = agg.done_phases();
-        self.start_run(
-            actor,
-            agg,
-            requested,
-            done,
-            correlation_id,
-            false,
-            None,
-            inbox,
-        )
+        let inbox = origin.inbox.clone();
+        self.deduplicated(inbox.as_ref(), async {
+            let agg = self.batch_for(&actor, batch_id).await?;
+            if let Some(run) = agg.active_run() {
+                return Err(Rejection::RunActive { run_id: run.id }.into());
+            }
+            let done = agg.done_phases();
+            let start = StartRun {
+                requested,
+                done,
+                is_retry: false,
+                reason: None,
+            };
+            self.start_run(actor, agg, start, origin).await
+        })
         .await
     }
 
     /// Retries a FAILED or partially succeeded phase of the caller's own batch: resolved like any request (with the
-    /// phase itself not counted as done), one correlation id for everything it produces.
+    /// phase itself not counted as done), one correlation id for everything it produces. A redelivered retry event
+    /// (`origin.inbox` seen before) is a duplicate, never a second retry nor a refusal.
     pub async fn retry_phase(
         &self,
         actor: Actor,
         batch_id: BatchId,
         phase: PhaseName,
         reason: Option<String>,
+        origin: RequestOrigin,
     ) -> Result<RunAccepted, OrchestratorError> {
-        let agg = self.batch_for(&actor, batch_id).await?;
-        if let Some(run) = agg.active_run() {
-            return Err(Rejection::RunActive { run_id: run.id }.into());
-        }
-        check_retryable(&agg, phase)?;
-        let done: Vec<PhaseName> = agg
-            .done_phases()
-            .into_iter()
-            .filter(|p| *p != phase)
-            .collect();
-        let correlation_id = CorrelationId::from_uuid(self.ids.new_id());
-        self.start_run(actor, agg, phase, done, correlation_id, true, reason, None)
-            .await
+        let inbox = origin.inbox.clone();
+        self.deduplicated(inbox.as_ref(), async {
+            let agg = self.batch_for(&actor, batch_id).await?;
+            if let Some(run) = agg.active_run() {
+                return Err(Rejection::RunActive { run_id: run.id }.into());
+            }
+            check_retryable(&agg, phase)?;
+            let done: Vec<PhaseName> = agg
+                .done_phases()
+                .into_iter()
+                .filter(|p| *p != phase)
+                .collect();
+            let start = StartRun {
+                requested: phase,
+                done,
+                is_retry: true,
+                reason,
+            };
+            self.start_run(actor, agg, start, origin).await
+        })
+        .await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Runs `attempt` unless the consumed event behind it was processed before. The state checks of a request run
+    /// before its unit of work (the resolver is asked in between), so the inbox is consulted first; and a refusal
+    /// is re-checked against the inbox, because a concurrent delivery of the same event may have committed between
+    /// that first look and the state check.
+    async fn deduplicated<T>(
+        &self,
+        inbox: Option<&InboxEntry>,
+        attempt: impl Future<Output = Result<T, OrchestratorError>>,
+    ) -> Result<T, OrchestratorError> {
+        let Some(entry) = inbox else {
+            return attempt.await;
+        };
+        if self.repo.is_processed(entry.event_id).await? {
+            return Err(OrchestratorError::Duplicate);
+        }
+        match attempt.await {
+            Err(OrchestratorError::Rejected(rejection)) => {
+                if self.repo.is_processed(entry.event_id).await? {
+                    Err(OrchestratorError::Duplicate)
+                } else {
+                    Err(OrchestratorError::Rejected(rejection))
+                }
+            }
+            other => other,
+        }
+    }
+
     async fn start_run(
         &self,
         actor: Actor,
         agg: BatchAggregate,
-        requested: PhaseName,
-        done: Vec<PhaseName>,
-        correlation_id: CorrelationId,
-        is_retry: bool,
-        reason: Option<String>,
-        inbox: Option<InboxEntry>,
+        start: StartRun,
+        origin: RequestOrigin,
     ) -> Result<RunAccepted, OrchestratorError> {
         let batch_id = agg.batch.id;
+        let correlation_id = origin
+            .correlation
+            .unwrap_or_else(|| CorrelationId::from_uuid(self.ids.new_id()));
+        let StartRun {
+            requested,
+            done,
+            is_retry,
+            reason,
+        } = start;
         let request = ResolveRequest {
             batch_id,
             requested,
@@ -218,7 +285,7 @@ impl Orchestrator {
             is_retry,
             reason,
         };
-        let after = match self.apply(batch_id, input, inbox).await? {
+        let after = match self.apply(batch_id, input, origin.inbox).await? {
             Applied::Changed { aggregate, .. } => aggregate,
             Applied::Duplicate => return Err(OrchestratorError::Duplicate),
         };

@@ -16,7 +16,9 @@ use super::graph::BuiltinResolver;
 use super::ids::{Attempt, BatchId, EventId, PhaseName, UserId};
 use super::input::{Actor, Input, ResolvedPipeline};
 use super::model::{BatchAggregate, PhaseStatus, RunStatus};
-use super::orchestrator::{Orchestrator, OrchestratorError, SystemClock, UuidV7Generator};
+use super::orchestrator::{
+    Orchestrator, OrchestratorError, RequestOrigin, SystemClock, UuidV7Generator,
+};
 use super::ports::{
     Applied, BatchPage, BatchRepository, BoxFuture, Clock, IdGenerator, InboxEntry,
     PipelineResolver, RepositoryError, ResolveError, ResolveRequest, TimedOutPhase, UnitOfWork,
@@ -121,6 +123,14 @@ impl BatchRepository for MemoryRepo {
         }
         found.truncate(limit as usize);
         Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn is_processed<'a>(
+        &'a self,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<bool, RepositoryError>> {
+        let seen = self.inbox.lock().unwrap().contains(&event_id);
+        Box::pin(std::future::ready(Ok(seen)))
     }
 }
 
@@ -236,12 +246,13 @@ fn inbox(n: u128) -> InboxEntry {
 fn registration_through_pipeline_completion() {
     let f = Fixture::new();
     let batch = f.ready_guest();
-    let accepted =
-        block_on(
-            f.orch
-                .request_pipeline(Actor::User(owner()), batch, Spellcheck, None, None),
-        )
-        .unwrap();
+    let accepted = block_on(f.orch.request_pipeline(
+        Actor::User(owner()),
+        batch,
+        Spellcheck,
+        RequestOrigin::default(),
+    ))
+    .unwrap();
     assert_eq!(
         (accepted.phases.clone(), accepted.status),
         (vec![Spellcheck], RunStatus::Running)
@@ -272,14 +283,19 @@ fn other_users_batches_do_not_exist_for_them() {
         Err(OrchestratorError::Rejected(Rejection::NotFound))
     );
     assert_eq!(
-        block_on(
-            f.orch
-                .request_pipeline(them.clone(), batch, Spellcheck, None, None)
-        ),
+        block_on(f.orch.request_pipeline(
+            them.clone(),
+            batch,
+            Spellcheck,
+            RequestOrigin::default()
+        )),
         Err(OrchestratorError::Rejected(Rejection::NotFound))
     );
     assert_eq!(
-        block_on(f.orch.retry_phase(them, batch, Spellcheck, None)),
+        block_on(
+            f.orch
+                .retry_phase(them, batch, Spellcheck, None, RequestOrigin::default())
+        ),
         Err(OrchestratorError::Rejected(Rejection::NotFound))
     );
     assert!(f.resolver.asked.lock().unwrap().is_empty());
@@ -289,15 +305,19 @@ fn other_users_batches_do_not_exist_for_them() {
 fn a_request_while_running_is_refused_before_resolution() {
     let f = Fixture::new();
     let batch = f.ready_guest();
-    let first = block_on(
-        f.orch
-            .request_pipeline(Actor::User(owner()), batch, Nlp, None, None),
-    )
+    let first = block_on(f.orch.request_pipeline(
+        Actor::User(owner()),
+        batch,
+        Nlp,
+        RequestOrigin::default(),
+    ))
     .unwrap();
-    let second = block_on(
-        f.orch
-            .request_pipeline(Actor::Internal, batch, AiFeedback, None, None),
-    );
+    let second = block_on(f.orch.request_pipeline(
+        Actor::Internal,
+        batch,
+        AiFeedback,
+        RequestOrigin::default(),
+    ));
     assert_eq!(
         second,
         Err(OrchestratorError::Rejected(Rejection::RunActive {
@@ -305,10 +325,12 @@ fn a_request_while_running_is_refused_before_resolution() {
         }))
     );
     assert_eq!(f.resolver.asked.lock().unwrap().len(), 1);
-    let sm = block_on(
-        f.orch
-            .request_pipeline(Actor::Internal, batch, StudentMatching, None, None),
-    );
+    let sm = block_on(f.orch.request_pipeline(
+        Actor::Internal,
+        batch,
+        StudentMatching,
+        RequestOrigin::default(),
+    ));
     assert!(matches!(
         sm,
         Err(OrchestratorError::Rejected(Rejection::Invalid(_)))
@@ -319,10 +341,12 @@ fn a_request_while_running_is_refused_before_resolution() {
 fn retry_resolves_without_the_retried_phase_and_uses_one_correlation_id() {
     let f = Fixture::new();
     let batch = f.ready_guest();
-    block_on(
-        f.orch
-            .request_pipeline(Actor::User(owner()), batch, Spellcheck, None, None),
-    )
+    block_on(f.orch.request_pipeline(
+        Actor::User(owner()),
+        batch,
+        Spellcheck,
+        RequestOrigin::default(),
+    ))
     .unwrap();
     let cmd = f.last_command();
     block_on(
@@ -336,6 +360,7 @@ fn retry_resolves_without_the_retried_phase_and_uses_one_correlation_id() {
         batch,
         Spellcheck,
         Some("flaky".to_owned()),
+        RequestOrigin::default(),
     ))
     .unwrap();
     let asked = f.resolver.asked.lock().unwrap().last().cloned().unwrap();
@@ -354,13 +379,68 @@ fn retry_resolves_without_the_retried_phase_and_uses_one_correlation_id() {
 }
 
 #[test]
+fn a_redelivered_retry_event_is_a_duplicate_before_any_state_check() {
+    let f = Fixture::new();
+    let batch = f.ready_guest();
+    block_on(f.orch.request_pipeline(
+        Actor::User(owner()),
+        batch,
+        Spellcheck,
+        RequestOrigin::default(),
+    ))
+    .unwrap();
+    let cmd = f.last_command();
+    let all_failed: Vec<_> = cmd.essays.iter().map(|e| e.essay_id).collect();
+    block_on(f.orch.handle(batch, outcome_for(&cmd, &all_failed), None)).unwrap();
+    let asked_before = f.resolver.asked.lock().unwrap().len();
+
+    let retry = || {
+        block_on(f.orch.retry_phase(
+            Actor::User(owner()),
+            batch,
+            Spellcheck,
+            None,
+            RequestOrigin::event(inbox(7), None),
+        ))
+    };
+    let first = retry().unwrap();
+    // While the retry runs (a refusal by state would say RunActive) ...
+    assert_eq!(retry(), Err(OrchestratorError::Duplicate));
+    let cmd2 = f.last_command();
+    block_on(f.orch.handle(batch, outcome_for(&cmd2, &[]), None)).unwrap();
+    assert_eq!(
+        f.load(batch).runs[1].status,
+        RunStatus::CompletedSuccessfully
+    );
+    // ... and after it ended (the phase is no longer retryable).
+    assert_eq!(retry(), Err(OrchestratorError::Duplicate));
+
+    let agg = f.load(batch);
+    assert_eq!(agg.runs.len(), 2);
+    assert_eq!(agg.runs[1].id, first.run_id);
+    assert_eq!(f.resolver.asked.lock().unwrap().len(), asked_before + 1);
+    // The same holds for a plain request event.
+    assert_eq!(
+        block_on(f.orch.request_pipeline(
+            Actor::User(owner()),
+            batch,
+            Nlp,
+            RequestOrigin::event(inbox(7), None),
+        )),
+        Err(OrchestratorError::Duplicate)
+    );
+}
+
+#[test]
 fn overdue_phases_time_out_once() {
     let f = Fixture::new();
     let batch = f.ready_guest();
-    block_on(
-        f.orch
-            .request_pipeline(Actor::User(owner()), batch, Spellcheck, None, None),
-    )
+    block_on(f.orch.request_pipeline(
+        Actor::User(owner()),
+        batch,
+        Spellcheck,
+        RequestOrigin::default(),
+    ))
     .unwrap();
     let timeout = Duration::from_secs(900);
     f.advance(899);

@@ -141,4 +141,11 @@ pub trait BatchRepository: Send + Sync {
         dispatched_before: DateTime<Utc>,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>>;
+    /// Whether a unit of work carrying this consumed event id has committed. Callers that check the state before
+    /// the unit of work (pipeline requests, which need resolving first) ask this first, so that a redelivery is a
+    /// duplicate rather than a refusal; `apply` stays the authoritative check.
+    fn is_processed<'a>(
+        &'a self,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<bool, RepositoryError>>;
 }

@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::core::ids::EventId;
-use crate::core::orchestrator::{Orchestrator, OrchestratorError};
-use crate::core::ports::{Applied, BoxFuture, InboxEntry, RepositoryError, ResolveError};
+use crate::core::orchestrator::{Orchestrator, OrchestratorError, RequestOrigin};
+use crate::core::ports::{Applied, InboxEntry, RepositoryError, ResolveError};
 
 use super::codec::{ConsumedEvent, DecodedEvent};
 
@@ -34,41 +33,15 @@ impl HandleResult {
     }
 }
 
-/// Asks the database inbox whether an event id was processed. A rejected event that was in fact processed before
-/// is a duplicate, not poison (the pipeline request path checks the state before the inbox).
-pub trait InboxProbe: Send + Sync {
-    fn is_processed<'a>(&'a self, event_id: EventId) -> BoxFuture<'a, Result<bool, String>>;
-}
-
-impl InboxProbe for crate::store::Store {
-    fn is_processed<'a>(&'a self, event_id: EventId) -> BoxFuture<'a, Result<bool, String>> {
-        Box::pin(async move {
-            crate::store::Store::is_processed(self, event_id)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    }
-}
-
 /// Calls the orchestrator for one decoded record.
 #[derive(Clone)]
 pub struct EventHandler {
     orchestrator: Arc<Orchestrator>,
-    inbox: Option<Arc<dyn InboxProbe>>,
 }
 
 impl EventHandler {
     pub fn new(orchestrator: Arc<Orchestrator>) -> Self {
-        Self {
-            orchestrator,
-            inbox: None,
-        }
-    }
-
-    /// Lets rejections of already-processed events count as duplicates.
-    pub fn with_inbox(mut self, inbox: Arc<dyn InboxProbe>) -> Self {
-        self.inbox = Some(inbox);
-        self
+        Self { orchestrator }
     }
 
     pub async fn handle(&self, event: &DecodedEvent) -> HandleResult {
@@ -85,49 +58,32 @@ impl EventHandler {
                     Applied::Changed { .. } => HandleResult::Applied,
                     Applied::Duplicate => HandleResult::Duplicate,
                 }),
-            ConsumedEvent::PipelineRequest(request) if request.is_retry => {
-                // A retry has no inbox entry on its path: the core refuses a second retry while the first one's
-                // run is active or once the phase is no longer retryable, and the probe below turns such a refusal
-                // of a redelivery into a duplicate only if the first delivery was recorded.
-                self.orchestrator
-                    .retry_phase(
-                        request.actor.clone(),
-                        event.batch_id,
-                        request.requested,
-                        request.reason.clone(),
-                    )
-                    .await
-                    .map(|_| HandleResult::Applied)
+            ConsumedEvent::PipelineRequest(request) => {
+                let origin = RequestOrigin::event(inbox, event.correlation_id);
+                let accepted = if request.is_retry {
+                    self.orchestrator
+                        .retry_phase(
+                            request.actor.clone(),
+                            event.batch_id,
+                            request.requested,
+                            request.reason.clone(),
+                            origin,
+                        )
+                        .await
+                } else {
+                    self.orchestrator
+                        .request_pipeline(
+                            request.actor.clone(),
+                            event.batch_id,
+                            request.requested,
+                            origin,
+                        )
+                        .await
+                };
+                accepted.map(|_| HandleResult::Applied)
             }
-            ConsumedEvent::PipelineRequest(request) => self
-                .orchestrator
-                .request_pipeline(
-                    request.actor.clone(),
-                    event.batch_id,
-                    request.requested,
-                    event.correlation_id,
-                    Some(inbox),
-                )
-                .await
-                .map(|_| HandleResult::Applied),
         };
-        match outcome {
-            Ok(result) => result,
-            Err(error) => self.classify(event, error).await,
-        }
-    }
-
-    async fn classify(&self, event: &DecodedEvent, error: OrchestratorError) -> HandleResult {
-        let result = classify(&error);
-        if let (HandleResult::Poison(_), Some(inbox)) = (&result, &self.inbox) {
-            match inbox.is_processed(event.event_id).await {
-                Ok(true) => return HandleResult::Duplicate,
-                Ok(false) => {}
-                // Cannot tell: retrying later is safe, dead-lettering a processed event is noise.
-                Err(e) => return HandleResult::Transient(format!("inbox lookup failed: {e}")),
-            }
-        }
-        result
+        outcome.unwrap_or_else(|error| classify(&error))
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
-use crate::core::ids::{BatchId, UserId};
+use crate::core::ids::{BatchId, EventId, UserId};
 use crate::core::model::BatchAggregate;
 use crate::core::ports::{
     Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
@@ -122,5 +122,12 @@ impl<R: BatchRepository + ?Sized> BatchRepository for NotifyingRepository<R> {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>> {
         self.inner.timed_out_phases(dispatched_before, limit)
+    }
+
+    fn is_processed<'a>(
+        &'a self,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<bool, RepositoryError>> {
+        self.inner.is_processed(event_id)
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::feed::ChangeFeed;
 use crate::core::effect::{Effect, Notification};
-use crate::core::ids::{BatchId, UserId};
+use crate::core::ids::{BatchId, EventId, UserId};
 use crate::core::model::BatchAggregate;
 use crate::core::ports::{
     Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
@@ -312,6 +312,13 @@ impl<R: BatchRepository + ?Sized> BatchRepository for PublishingRepository<R> {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>> {
         self.inner.timed_out_phases(dispatched_before, limit)
+    }
+
+    fn is_processed<'a>(
+        &'a self,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<bool, RepositoryError>> {
+        self.inner.is_processed(event_id)
     }
 }
 

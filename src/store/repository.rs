@@ -520,4 +520,11 @@ impl BatchRepository for Store {
                 .await?)
         })
     }
+
+    fn is_processed<'a>(
+        &'a self,
+        event_id: EventId,
+    ) -> BoxFuture<'a, Result<bool, RepositoryError>> {
+        Box::pin(async move { Ok(Store::is_processed(self, event_id).await?) })
+    }
 }

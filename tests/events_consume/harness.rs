@@ -121,8 +121,7 @@ impl Harness {
     /// Another member of the BOS consumer group (a second replica), sharing store, orchestrator and dedupe.
     pub fn start_consumer(&self) -> ConsumerHandle {
         let bootstrap = self.bootstrap().to_owned();
-        let handler =
-            EventHandler::new(self.orchestrator.clone()).with_inbox(Arc::new(self.store.clone()));
+        let handler = EventHandler::new(self.orchestrator.clone());
         let dlq = DlqPublisher::new(&bootstrap, &[]).expect("dlq producer");
         let mut settings = ConsumerSettings::new(&bootstrap, &self.group);
         settings.overrides = group_overrides();
