@@ -37,6 +37,8 @@ enum Command {
     DevBroker(DevBrokerArgs),
     /// Play the downstream services against BOS's broker; with --demo, also drive demo batches through the API.
     Simulate(bos::sim::cli::SimulateArgs),
+    /// Load generator: measures BOS on loopback against references from the same run (see BENCHMARKS.md).
+    Bench(bos::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .context("bos simulate")
             }
+            Command::Bench(args) => bos::bench::run(args).await.context("bos bench"),
         }
     })
 }
