@@ -227,6 +227,23 @@ async fn malformed_ids_and_phases_are_invalid_arguments() {
         (Code::InvalidArgument, vec!["requested_pipeline".to_owned()])
     );
 
+    // The prompt reference is used, so it is checked like the registration's.
+    let status = grpc
+        .request_pipeline(authed(
+            "carol",
+            pb::RequestPipelineRequest {
+                batch_id: batch_id.to_string(),
+                requested_pipeline: PhaseName::Spellcheck as i32,
+                prompt_ref: "p".repeat(513),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), fields(&status)),
+        (Code::InvalidArgument, vec!["prompt_ref".to_owned()])
+    );
+
     let (code, answer) = post(
         &server,
         &format!("/v1/batches/{batch_id}/pipelines"),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bos::core::ids::PhaseName;
 use bos::core::model::{BatchStatus, PhaseStatus, RunStatus};
-use bos::events::codec::{consumed_topics, dlq_topic, phase_to_proto, topic_for};
+use bos::events::codec::{consumed_topics, decode_payload, dlq_topic, phase_to_proto, topic_for};
 use bos::proto::huleedu::common::v1 as pc;
 use bos::proto::huleedu::events::v1 as pe;
 use harness::{check_published, command_of, envelope, Delivery, Driver, Harness};
@@ -89,19 +89,31 @@ async fn a_retry_event_delivered_three_times_runs_one_retry() {
         .await;
 
     // The third delivery comes after the retry run ended, when the phase is no longer retryable: a duplicate, not
-    // a refusal. A plain nlp request behind it on the same partition shows when it has been handled.
-    let nlp = envelope(
+    // a refusal. A plain cj_assessment request behind it on the same partition shows when it has been handled.
+    let cj = envelope(
         &pe::ClientBatchPipelineRequest {
             batch_id: batch_id.to_string(),
-            requested_pipeline: phase_to_proto(PhaseName::Nlp) as i32,
+            requested_pipeline: phase_to_proto(PhaseName::CjAssessment) as i32,
             user_id: owner.to_owned(),
+            prompt_ref: "prompt://v2".to_owned(),
             ..Default::default()
         },
         batch_id,
     );
-    driver.deliver(vec![retry, nlp]).await;
+    driver.deliver(vec![retry, cj]).await;
     let next = driver.next().await;
-    assert_eq!(next.topic, topic::<pe::NlpInitiateCommand>(), "{next:?}");
+    assert_eq!(
+        next.topic,
+        topic::<pe::CjAssessmentInitiateCommand>(),
+        "{next:?}"
+    );
+    let (_, command) =
+        decode_payload::<pe::CjAssessmentInitiateCommand>(&next.topic, Some(&next.payload))
+            .expect("a cj_assessment command");
+    assert_eq!(
+        command.student_prompt_ref, "prompt://v2",
+        "the request's prompt reference reaches the command"
+    );
     let late = driver.drain(QUIET).await;
     assert!(late.is_empty(), "a redelivery published {late:#?}");
 
@@ -116,7 +128,7 @@ async fn a_retry_event_delivered_three_times_runs_one_retry() {
         (spellcheck.status, spellcheck.attempt.get()),
         (PhaseStatus::CompletedSuccessfully, 2)
     );
-    assert_eq!(agg.runs[2].requested_pipeline, PhaseName::Nlp);
+    assert_eq!(agg.runs[2].requested_pipeline, PhaseName::CjAssessment);
     check_published(batch_id, &driver.seen, &h.outbox().await);
 
     let dlq: Vec<String> = consumed_topics().iter().map(|t| dlq_topic(t)).collect();

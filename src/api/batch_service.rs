@@ -168,7 +168,12 @@ impl BatchService for BatchApi {
         };
         let accepted = self
             .orchestrator
-            .request_pipeline(actor, batch_id, requested, RequestOrigin::default())
+            .request_pipeline(
+                actor,
+                batch_id,
+                requested,
+                RequestOrigin::default().with_prompt_ref(optional(body.prompt_ref)),
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RequestPipelineResponse {

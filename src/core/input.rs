@@ -111,6 +111,9 @@ pub enum Input {
         correlation_id: CorrelationId,
         is_retry: bool,
         reason: Option<String>,
+        /// Replaces the batch's student prompt reference when set, so this run's commands (and later runs') carry
+        /// it; already checked by `registration::prompt_ref`.
+        prompt_ref: Option<String>,
     },
     /// The command for a phase reached the broker (reported by the outbox relay): DISPATCH_INITIATED → IN_PROGRESS.
     PhaseCommandDelivered {

@@ -16,7 +16,7 @@ use super::ports::{
     Applied, BatchRepository, Clock, IdGenerator, InboxEntry, PipelineResolver, RepositoryError,
     ResolveError, ResolveRequest, UnitOfWork,
 };
-use super::registration::ValidRegistration;
+use super::registration::{self, ValidRegistration};
 use super::rejection::Rejection;
 use super::run::check_retryable;
 
@@ -87,11 +87,14 @@ impl IdGenerator for UuidV7Generator {
     }
 }
 
-/// Where a pipeline request or retry comes from, beyond who asks for what.
+/// What comes with a pipeline request or retry beyond who asks for what: where it comes from, and the prompt.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestOrigin {
     /// The run's correlation id (a consumed event's own); a new one when absent.
     pub correlation: Option<CorrelationId>,
+    /// The request's prompt reference (or assignment id): when non-empty it replaces the batch's student prompt
+    /// reference, which the nlp, cj_assessment and ai_feedback commands carry.
+    pub prompt_ref: Option<String>,
     /// The consumed event carrying the request: its redelivery is `OrchestratorError::Duplicate`, whatever the
     /// batch's state by then.
     pub inbox: Option<InboxEntry>,
@@ -103,7 +106,14 @@ impl RequestOrigin {
         Self {
             correlation,
             inbox: Some(inbox),
+            prompt_ref: None,
         }
+    }
+
+    /// With the request's prompt reference (empty counts as absent).
+    pub fn with_prompt_ref(mut self, prompt_ref: Option<String>) -> Self {
+        self.prompt_ref = prompt_ref;
+        self
     }
 }
 
@@ -172,6 +182,7 @@ impl Orchestrator {
             let reason = format!("{requested} is not a pipeline phase");
             return Err(Rejection::Invalid(InvalidValue::new("requested_pipeline", reason)).into());
         }
+        let origin = checked(origin)?;
         let inbox = origin.inbox.clone();
         self.deduplicated(inbox.as_ref(), async {
             let agg = self.batch_for(&actor, batch_id).await?;
@@ -201,6 +212,7 @@ impl Orchestrator {
         reason: Option<String>,
         origin: RequestOrigin,
     ) -> Result<RunAccepted, OrchestratorError> {
+        let origin = checked(origin)?;
         let inbox = origin.inbox.clone();
         self.deduplicated(inbox.as_ref(), async {
             let agg = self.batch_for(&actor, batch_id).await?;
@@ -284,6 +296,7 @@ impl Orchestrator {
             correlation_id,
             is_retry,
             reason,
+            prompt_ref: origin.prompt_ref,
         };
         let after = match self.apply(batch_id, input, origin.inbox).await? {
             Applied::Changed { aggregate, .. } => aggregate,
@@ -365,6 +378,15 @@ impl Orchestrator {
         let now = self.clock.now();
         Ok(self.repo.apply(unit(batch_id, input, inbox), now).await?)
     }
+}
+
+/// The origin with its prompt reference checked (a bad one is INVALID_ARGUMENT naming `prompt_ref`).
+fn checked(origin: RequestOrigin) -> Result<RequestOrigin, OrchestratorError> {
+    let prompt_ref = registration::prompt_ref(origin.prompt_ref).map_err(Rejection::Invalid)?;
+    Ok(RequestOrigin {
+        prompt_ref,
+        ..origin
+    })
 }
 
 fn unit(batch_id: BatchId, input: Input, inbox: Option<InboxEntry>) -> UnitOfWork {

@@ -432,6 +432,42 @@ fn a_redelivered_retry_event_is_a_duplicate_before_any_state_check() {
 }
 
 #[test]
+fn a_requests_prompt_ref_reaches_the_commands_that_carry_a_prompt() {
+    let f = Fixture::new();
+    let batch = f.ready_guest();
+    let origin = RequestOrigin::default().with_prompt_ref(Some(" prompt://v2 ".to_owned()));
+    block_on(
+        f.orch
+            .request_pipeline(Actor::User(owner()), batch, CjAssessment, origin),
+    )
+    .unwrap();
+    assert_eq!(
+        f.load(batch).batch.student_prompt_ref.as_deref(),
+        Some("prompt://v2")
+    );
+    let spellcheck = f.last_command();
+    block_on(f.orch.handle(batch, outcome_for(&spellcheck, &[]), None)).unwrap();
+    let cj = f.last_command();
+    assert_eq!(cj.phase, CjAssessment);
+    assert_eq!(cj.student_prompt_ref.as_deref(), Some("prompt://v2"));
+
+    // A bad one is refused naming the field, before the resolver is asked.
+    block_on(f.orch.handle(batch, outcome_for(&cj, &[]), None)).unwrap();
+    let asked = f.resolver.asked.lock().unwrap().len();
+    let origin = RequestOrigin::default().with_prompt_ref(Some("p".repeat(513)));
+    let refused =
+        block_on(
+            f.orch
+                .request_pipeline(Actor::User(owner()), batch, AiFeedback, origin),
+        );
+    let Err(OrchestratorError::Rejected(Rejection::Invalid(invalid))) = refused else {
+        panic!("not refused: {refused:?}")
+    };
+    assert_eq!(invalid.field, "prompt_ref");
+    assert_eq!(f.resolver.asked.lock().unwrap().len(), asked);
+}
+
+#[test]
 fn overdue_phases_time_out_once() {
     let f = Fixture::new();
     let batch = f.ready_guest();

@@ -62,6 +62,17 @@ impl ValidRegistration {
     }
 }
 
+/// A pipeline request's prompt reference: empty is absent; otherwise the rules of `student_prompt_ref`, reported
+/// under the request's own field name.
+pub fn prompt_ref(raw: Option<String>) -> Result<Option<String>, InvalidValue> {
+    let mut errors = Vec::new();
+    let value = bounded_text("prompt_ref", raw, MAX_TEXT_LEN, &mut errors);
+    match errors.pop() {
+        Some(error) => Err(error),
+        None => Ok(value),
+    }
+}
+
 fn present(raw: Option<String>) -> Option<String> {
     raw.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }

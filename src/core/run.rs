@@ -15,6 +15,7 @@ use super::model::{
 use super::progress::{
     active_run_index, advance, conclude, invalid, latest_execution, put_result, result,
 };
+use super::registration;
 use super::rejection::Rejection;
 
 pub(crate) use super::progress::abort_active_run;
@@ -45,6 +46,7 @@ pub(crate) fn request_pipeline(
         run_id,
         correlation_id,
         is_retry,
+        prompt_ref,
         ..
     } = input
     else {
@@ -132,6 +134,9 @@ pub(crate) fn request_pipeline(
         successful_essay_count: 0,
         failed_essay_count: 0,
     });
+    if let Some(prompt_ref) = registration::prompt_ref(prompt_ref.clone())? {
+        agg.batch.student_prompt_ref = Some(prompt_ref);
+    }
     agg.batch.status = BatchStatus::ProcessingPipelines;
     advance(agg, effects, now)
 }

@@ -136,6 +136,7 @@ pub fn request(agg: &BatchAggregate, phase: PhaseName, n: u128) -> Input {
         correlation_id: correlation(n),
         is_retry: false,
         reason: None,
+        prompt_ref: None,
     }
 }
 
@@ -153,6 +154,7 @@ pub fn retry(agg: &BatchAggregate, phase: PhaseName, n: u128) -> Input {
         correlation_id: correlation(n),
         is_retry: true,
         reason: Some("try again".to_owned()),
+        prompt_ref: None,
     }
 }
 

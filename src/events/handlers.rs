@@ -59,7 +59,8 @@ impl EventHandler {
                     Applied::Duplicate => HandleResult::Duplicate,
                 }),
             ConsumedEvent::PipelineRequest(request) => {
-                let origin = RequestOrigin::event(inbox, event.correlation_id);
+                let origin = RequestOrigin::event(inbox, event.correlation_id)
+                    .with_prompt_ref(request.prompt_ref.clone());
                 let accepted = if request.is_retry {
                     self.orchestrator
                         .retry_phase(

@@ -117,6 +117,7 @@ pub fn request(agg: &BatchAggregate, phase: PhaseName) -> Input {
         correlation_id: CorrelationId::from_uuid(Uuid::now_v7()),
         is_retry: false,
         reason: None,
+        prompt_ref: None,
     }
 }
 
