@@ -4,6 +4,7 @@
 //! compare-and-set on the batch row (always, so every change of a batch is serialised by it) and on changed phase
 //! rows → child rows → outbox rows → commit. The relay reads the outbox through `outbox`.
 
+mod cache;
 pub mod entities;
 pub mod faults;
 mod inbox;
@@ -70,6 +71,8 @@ pub struct StoreConfig {
     pub outbox: OutboxPolicy,
     /// Connections in the pool (PostgreSQL; SQLite uses fewer, see `connect`).
     pub max_connections: u32,
+    /// Rows (batch, essays, results, phases) the aggregate cache may hold; 0 turns it off.
+    pub aggregate_cache_rows: usize,
 }
 
 impl Default for StoreConfig {
@@ -79,6 +82,8 @@ impl Default for StoreConfig {
             cas_backoff: Duration::from_millis(2),
             outbox: OutboxPolicy::default(),
             max_connections: 16,
+            // About 4 MB: a few hundred small batches, or a handful of 1,000-essay ones.
+            aggregate_cache_rows: 20_000,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct Store {
     /// SQLite allows one writer; taking this lock before a write transaction turns "database is locked" errors
     /// into a wait. `None` on PostgreSQL, where row locks and compare-and-set do the job.
     sqlite_writer: Option<Arc<Mutex<()>>>,
+    /// Aggregates by version, shared by every clone (see `cache`).
+    cache: Arc<cache::AggregateCache>,
     config: StoreConfig,
 }
 
@@ -144,6 +151,7 @@ impl Store {
             encoder: None,
             faults: Arc::new(FaultPlan::new()),
             sqlite_writer: is_sqlite.then(|| Arc::new(Mutex::new(()))),
+            cache: Arc::new(cache::AggregateCache::new(config.aggregate_cache_rows)),
             config,
         })
     }

@@ -6,6 +6,7 @@
 //! except phase executions, which carry one and are compare-and-set as well.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -17,6 +18,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::cache::canonical;
 use super::entities::{
     batch_essays, batches, essay_phase_results, phase_executions, pipeline_runs,
 };
@@ -111,7 +113,7 @@ impl Store {
             }
             self.faults.hit(FaultPoint::AfterInbox)?;
         }
-        let old = queries::load_in(&txn, unit.batch_id).await?;
+        let old = queries::load_in(&txn, unit.batch_id, Some(&self.cache)).await?;
         let decision = match decide(old.as_ref(), &unit.input, now) {
             Ok(d) => d,
             Err(rejection) => {
@@ -137,6 +139,10 @@ impl Store {
         }
         self.faults.hit(FaultPoint::BeforeCommit)?;
         txn.commit().await?;
+        if !unchanged {
+            // What the database now holds, so the batch's next unit of work reads one row instead of five.
+            self.cache.put(Arc::new(canonical(aggregate.clone())));
+        }
         self.faults.hit(FaultPoint::AfterCommit)?;
         Ok(Applied::Changed {
             aggregate: Box::new(aggregate),

@@ -1,0 +1,117 @@
+//! The aggregate cache against the database (PostgreSQL and SQLite): what a store serves from its cache equals
+//! what a store with an empty cache reads from the rows, after every step of a pipeline; another process's commit
+//! (a second store on the same database) is seen at once; a version bump behind the store's back is read afresh.
+
+mod support;
+
+use bos::core::ids::PhaseName;
+use bos::core::model::{BatchAggregate, BatchStatus};
+use bos::core::ports::{Applied, BatchRepository};
+use bos::store::{Store, StoreConfig};
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, Statement, Value};
+use support::fixtures::*;
+use support::TestDb;
+
+fn changed(applied: Applied) -> (BatchAggregate, Vec<bos::core::effect::Effect>) {
+    match applied {
+        Applied::Changed { aggregate, effects } => (*aggregate, effects),
+        Applied::Duplicate => panic!("expected a change, got a duplicate"),
+    }
+}
+
+/// A store whose cache is off: every load reads the rows.
+async fn uncached(db: &TestDb) -> Store {
+    db.store_with(StoreConfig {
+        aggregate_cache_rows: 0,
+        ..StoreConfig::default()
+    })
+    .await
+}
+
+async fn assert_same(cached: &Store, fresh: &Store, aggregate: &BatchAggregate) {
+    let id = aggregate.batch.id;
+    let from_cache = cached.load(id).await.unwrap().expect("cached load");
+    let from_rows = fresh.load(id).await.unwrap().expect("row load");
+    assert_eq!(from_cache, from_rows, "cache and rows disagree");
+    assert_eq!(from_cache.batch.version, aggregate.batch.version);
+}
+
+async fn cached_equals_rows_through_a_pipeline(db: &TestDb) {
+    let store = db.store().await;
+    let fresh = uncached(db).await;
+    let new = new_batch("teacher-1", 5, false);
+    let (agg, _) = changed(store.apply(register(&new), Utc::now()).await.unwrap());
+    assert_same(&store, &fresh, &agg).await;
+    let (agg, _) = changed(
+        store
+            .apply(unit(agg.batch.id, provisioned(&agg)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    assert_same(&store, &fresh, &agg).await;
+    let (mut agg, mut effects) = changed(
+        store
+            .apply(
+                unit(agg.batch.id, request(&agg, PhaseName::AiFeedback)),
+                Utc::now(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_same(&store, &fresh, &agg).await;
+    // spellcheck → nlp → ai_feedback, each outcome applied by the caching store.
+    while let Some(cmd) = commands(&effects).first().map(|c| (*c).clone()) {
+        (agg, effects) = changed(
+            store
+                .apply(unit(agg.batch.id, success_for(&cmd)), Utc::now())
+                .await
+                .unwrap(),
+        );
+        assert_same(&store, &fresh, &agg).await;
+    }
+    assert_eq!(agg.batch.status, BatchStatus::ReadyForPipelineExecution);
+    assert_eq!(agg.results.len(), 15, "five essays × three phases");
+}
+on_both_backends!(cache_round_trip, cached_equals_rows_through_a_pipeline);
+
+async fn other_writers_are_seen(db: &TestDb) {
+    let a = db.store().await;
+    let b = db.store().await;
+    let new = new_batch("teacher-1", 3, false);
+    let (agg, _) = changed(a.apply(register(&new), Utc::now()).await.unwrap());
+    // `a` caches version 0; `b` (another replica) moves the batch on.
+    assert_eq!(a.load(agg.batch.id).await.unwrap().unwrap(), agg);
+    let (moved, _) = changed(
+        b.apply(unit(agg.batch.id, provisioned(&agg)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(a.load(agg.batch.id).await.unwrap().unwrap(), moved);
+    // `a` decides on the state `b` wrote, not on its cached one.
+    let (next, _) = changed(
+        a.apply(
+            unit(agg.batch.id, request(&moved, PhaseName::Spellcheck)),
+            Utc::now(),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(next.batch.version, moved.batch.version + 1);
+    assert_eq!(next.batch.status, BatchStatus::ProcessingPipelines);
+
+    // A version bump behind every store's back (an operator's UPDATE) is read afresh too.
+    let conn = a.connection();
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => "UPDATE batches SET version = version + 1 WHERE id = $1",
+        _ => "UPDATE batches SET version = version + 1 WHERE id = ?",
+    };
+    let id = Value::from(next.batch.id.as_uuid());
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, [id]))
+        .await
+        .unwrap();
+    let reread = a.load(next.batch.id).await.unwrap().unwrap();
+    assert_eq!(reread.batch.version, next.batch.version + 1);
+}
+on_both_backends!(cache_other_writers, other_writers_are_seen);
