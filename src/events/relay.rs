@@ -105,17 +105,42 @@ impl DeliveryListener for Orchestrator {
     }
 }
 
-/// Wakes the relay right after a commit. Cheap to clone.
-#[derive(Debug, Clone)]
+/// Wakes the relay right after a commit, and reports on it. Cheap to clone.
+#[derive(Clone)]
 pub struct RelayHandle {
     notify: Arc<Notify>,
     healthy: Arc<AtomicBool>,
+    producer: SharedProducer,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RelayHandle {
     /// False while publishing fails (broker unreachable or the database failing); for health reports.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether a broker answers a metadata request for `topic` within `timeout`, asked through the relay's own
+    /// producer (so it sees the connections the relay publishes over). An idle relay cannot tell that the broker
+    /// went away; this can.
+    pub async fn broker_reachable(&self, topic: &str, timeout: Duration) -> bool {
+        let producer = current(&self.producer);
+        let topic = topic.to_owned();
+        // The metadata call blocks its thread until the broker answers or the timeout passes.
+        let asked = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .is_ok()
+        });
+        matches!(asked.await, Ok(true))
     }
 
     pub fn wake(&self) {
@@ -148,10 +173,18 @@ pub struct RoundReport {
     pub failed: usize,
 }
 
+/// The relay's producer, shared with its handles.
+type SharedProducer = Arc<Mutex<FutureProducer>>;
+
+fn current(producer: &SharedProducer) -> FutureProducer {
+    // A poisoned lock still holds a usable producer handle.
+    producer.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 pub struct Relay {
     store: Store,
     /// Replaced when the idempotent producer hits a fatal error (it refuses every send after one).
-    producer: Mutex<FutureProducer>,
+    producer: SharedProducer,
     producer_config: ClientConfig,
     listener: Option<Arc<dyn DeliveryListener>>,
     notify: Arc<Notify>,
@@ -181,7 +214,7 @@ impl Relay {
         let producer: FutureProducer = producer_config.create()?;
         Ok(Self {
             store,
-            producer: Mutex::new(producer),
+            producer: Arc::new(Mutex::new(producer)),
             producer_config,
             listener,
             notify: Arc::new(Notify::new()),
@@ -194,6 +227,7 @@ impl Relay {
         RelayHandle {
             notify: self.notify.clone(),
             healthy: self.healthy.clone(),
+            producer: self.producer.clone(),
         }
     }
 
@@ -201,6 +235,9 @@ impl Relay {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut failures: u32 = 0;
+        // Whether a delivery failed since the last successful one. Failures of the store alone are over as soon
+        // as a round gets through the database again; the broker's only when something is delivered.
+        let mut delivery_failing = false;
         let mut gauge_refreshed: Option<Instant> = None;
         tracing::info!("outbox relay started");
         loop {
@@ -210,8 +247,11 @@ impl Relay {
             match round {
                 Ok(report) if report.failed == 0 => {
                     backing_off = false;
-                    // An empty round says nothing about the broker; only a delivery clears failures.
+                    // An empty round says nothing about the broker; only a delivery clears its failures.
                     if report.published > 0 {
+                        delivery_failing = false;
+                    }
+                    if !delivery_failing {
                         failures = 0;
                     }
                     if report.claimed as u32 >= self.config.batch_size {
@@ -220,6 +260,7 @@ impl Relay {
                     }
                 }
                 Ok(report) => {
+                    delivery_failing = true;
                     failures = failures.saturating_add(1);
                     pause = self.backoff(failures);
                     tracing::warn!(
@@ -266,11 +307,7 @@ impl Relay {
     }
 
     fn producer(&self) -> FutureProducer {
-        // A poisoned lock still holds a usable producer handle.
-        self.producer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        current(&self.producer)
     }
 
     /// After failures: if the producer is fatally broken, build a new one (a new producer id and
