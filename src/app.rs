@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
 
 use crate::api;
-use crate::api::health::Health;
+use crate::api::health::{self, Health, Probes};
+use crate::api::probes::{BrokerProbe, DatabaseProbe, RedisProbe};
 use crate::api::stack::ApiStack;
 use crate::clients::bcs::{BcsClient, BcsSettings};
 use crate::config::Config;
@@ -19,7 +20,7 @@ use crate::core::graph::DependencyGraph;
 use crate::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use crate::core::ports::{BatchRepository, PipelineResolver};
 use crate::events::broker::{BrokerOptions, EmbeddedBroker};
-use crate::events::codec::ProtobufEffectEncoder;
+use crate::events::codec::{topic_for, ProtobufEffectEncoder};
 use crate::events::consumer::{ConsumerSettings, EventConsumer};
 use crate::events::dedupe::{Dedupe, DedupeConfig};
 use crate::events::dlq::DlqPublisher;
@@ -28,6 +29,7 @@ use crate::events::relay::{DeliveryListener, Relay, RelayConfig};
 use crate::events::scanner::{self, ScannerConfig};
 use crate::notify::feed::{ChangeFeed, NotifyingRepository};
 use crate::notify::redis::{PublishingRepository, RedisNotifier};
+use crate::proto::huleedu::events::v1 as pe;
 use crate::store::Store;
 
 /// How long open requests and streams may run on after a shutdown signal.
@@ -199,8 +201,11 @@ where
         Some(Arc::clone(&orchestrator) as Arc<dyn DeliveryListener>),
         RelayConfig::default(),
     )?;
+    let relay_handle = relay.handle();
     tasks.push(tokio::spawn(
-        relay.handle().wake_on_changes(feed.clone(), stopped()),
+        relay_handle
+            .clone()
+            .wake_on_changes(feed.clone(), stopped()),
     ));
     tasks.push(tokio::spawn(relay.run(stopped())));
     tasks.push(tokio::spawn(crate::store::retention::run_pruning(
@@ -219,6 +224,16 @@ where
         Some(url) => Dedupe::redis(DedupeConfig::new(url.expose()))?,
         None => Dedupe::disabled(),
     };
+    let probes = Probes {
+        database: Arc::new(DatabaseProbe(store.clone())),
+        broker: Arc::new(BrokerProbe {
+            relay: relay_handle,
+            // The relay publishes there first for every batch; asking for it never creates anything new.
+            topic: topic_for::<pe::BatchEssaysRegistered>()
+                .unwrap_or_else(|| "huleedu.batch.essays.registered.v1".to_owned()),
+        }),
+        redis: Arc::new(RedisProbe(dedupe.clone())),
+    };
     let handler = EventHandler::new(Arc::clone(&orchestrator));
     let consumer = EventConsumer::new(
         &ConsumerSettings::new(&bootstrap, &config.kafka_group),
@@ -235,7 +250,13 @@ where
     });
 
     let router = api::server::router(grpc.routes(), http, health.clone(), &api_stack);
+    health.refresh(&probes).await;
     health.set_serving(true).await;
+    tasks.push(tokio::spawn(health.clone().refresh_until(
+        probes,
+        health::REFRESH_INTERVAL,
+        stopped(),
+    )));
     tracing::info!(%local_addr, "serving gRPC, HTTP/JSON, /healthz and /metrics");
     announce(
         &config,

@@ -114,7 +114,13 @@ async fn healthz_metrics_and_unknown_paths_over_http() {
     let healthz = http.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(healthz.status(), reqwest::StatusCode::OK);
     let body: serde_json::Value = healthz.json().await.unwrap();
-    assert_eq!(body, serde_json::json!({"status": "SERVING"}));
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "status": "SERVING",
+            "checks": {"database": "ok", "broker": "ok", "redis": "disabled"}
+        })
+    );
 
     let metrics = http.get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), reqwest::StatusCode::OK);

@@ -7,6 +7,7 @@ pub mod health;
 pub mod internal_service;
 pub mod metrics;
 pub mod openapi;
+pub mod probes;
 pub mod server;
 pub mod stack;
 pub mod telemetry;

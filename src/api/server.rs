@@ -64,20 +64,15 @@ pub fn router(grpc: Routes, http: Router, health: Health, api: &ApiStack) -> Rou
     api.finish(grpc.into_axum_router(), http.merge(plain), not_found)
 }
 
+/// The last health report: 200 while serving, 503 otherwise, with every dependency's state either way.
 async fn healthz(State(health): State<Health>) -> Response {
-    if health.is_serving() {
-        (
-            StatusCode::OK,
-            Json(serde_json::json!({"status": "SERVING"})),
-        )
-            .into_response()
+    let report = health.report();
+    let code = if report.status == "SERVING" {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "NOT_SERVING"})),
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(report)).into_response()
 }
 
 async fn metrics_text() -> Response {

@@ -138,6 +138,15 @@ impl Dedupe {
         self.health.clone()
     }
 
+    /// Pings Redis (within the fast path's timeout) and returns the state that leaves the fast path in: the flag
+    /// otherwise changes only when events are consumed, so an idle consumer would not notice Redis coming or going.
+    pub async fn probe(&self) -> FastPathState {
+        if let Some(redis) = &self.redis {
+            let _ = self.run::<String>(redis, redis::cmd("PING")).await;
+        }
+        self.health.state()
+    }
+
     /// True only when Redis positively knows the event was processed; any doubt sends it to the database.
     pub async fn seen(&self, event_id: EventId) -> bool {
         let Some(redis) = &self.redis else {
@@ -262,6 +271,21 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn a_probe_tells_the_state_without_any_event() {
+        assert_eq!(Dedupe::disabled().probe().await, FastPathState::Disabled);
+        let up = Dedupe::redis(config("redis://127.0.0.1:6379")).unwrap();
+        assert_eq!(up.probe().await, FastPathState::Active);
+        let down = Dedupe::redis(config("redis://127.0.0.1:1")).unwrap();
+        assert_eq!(
+            down.health().state(),
+            FastPathState::Active,
+            "not asked yet"
+        );
+        assert_eq!(down.probe().await, FastPathState::Bypassed);
+        assert!(down.health().is_bypassed());
     }
 
     #[test]
