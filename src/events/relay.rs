@@ -152,8 +152,8 @@ impl RelayHandle {
         self.notify.notify_one();
     }
 
-    /// Wakes the relay on every change announced on `feed` (local commits, and other replicas'
-    /// commits when Redis fans them out) until `shutdown` resolves.
+    /// Wakes the relay on every change announced on `feed` that wrote outbox rows (local commits, and
+    /// other replicas' commits when Redis fans them out) until `shutdown` resolves.
     pub async fn wake_on_changes(self, feed: ChangeFeed, shutdown: impl Future<Output = ()>) {
         let mut changes = feed.subscribe();
         tokio::pin!(shutdown);
@@ -161,6 +161,8 @@ impl RelayHandle {
             tokio::select! {
                 () = &mut shutdown => return,
                 received = changes.recv() => match received {
+                    Ok(change) if !change.publishes => {}
+                    // Missed announcements may have had rows to publish.
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.wake(),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
+use crate::core::effect::Effect;
 use crate::core::ids::{BatchId, EventId, UserId};
 use crate::core::model::BatchAggregate;
 use crate::core::ports::{
@@ -21,6 +22,9 @@ const CAPACITY: usize = 1024;
 pub struct Change {
     pub batch_id: BatchId,
     pub snapshot: Option<Arc<BatchAggregate>>,
+    /// Whether the change wrote outbox rows, so the relay has something to publish (assumed for other replicas'
+    /// changes, which do not say).
+    pub publishes: bool,
 }
 
 /// A broadcast of changed batches. Cheap to clone; all clones share one channel.
@@ -41,19 +45,21 @@ impl ChangeFeed {
         Self { sender }
     }
 
-    /// Announces that `batch_id` changed. Nobody listening is fine.
+    /// Announces that `batch_id` changed (on another replica: what it wrote is unknown). Nobody listening is fine.
     pub fn publish(&self, batch_id: BatchId) {
         self.send(Change {
             batch_id,
             snapshot: None,
+            publishes: true,
         });
     }
 
-    /// Announces a committed state of a batch.
-    pub fn publish_snapshot(&self, aggregate: Arc<BatchAggregate>) {
+    /// Announces a committed state of a batch; `publishes` when the change wrote outbox rows.
+    pub fn publish_snapshot(&self, aggregate: Arc<BatchAggregate>, publishes: bool) {
         self.send(Change {
             batch_id: aggregate.batch.id,
             snapshot: Some(aggregate),
+            publishes,
         });
     }
 
@@ -92,9 +98,10 @@ impl<R: BatchRepository + ?Sized> BatchRepository for NotifyingRepository<R> {
     ) -> BoxFuture<'a, Result<Applied, RepositoryError>> {
         Box::pin(async move {
             let applied = self.inner.apply(unit, now).await?;
-            if let Applied::Changed { aggregate, .. } = &applied {
+            if let Applied::Changed { aggregate, effects } = &applied {
+                let publishes = effects.iter().any(|e| matches!(e, Effect::Publish(_)));
                 self.feed
-                    .publish_snapshot(Arc::new(aggregate.as_ref().clone()));
+                    .publish_snapshot(Arc::new(aggregate.as_ref().clone()), publishes);
             }
             Ok(applied)
         })

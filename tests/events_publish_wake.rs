@@ -1,0 +1,111 @@
+//! The outbox relay is woken by commits that wrote outbox rows, and only by those: a change with nothing to publish
+//! leaves it asleep. Real PostgreSQL, the mock cluster.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bos::core::effect::Effect;
+use bos::core::graph::BuiltinResolver;
+use bos::core::ids::{Attempt, PhaseName};
+use bos::core::input::{Actor, Input};
+use bos::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
+use bos::core::ports::{Applied, BatchRepository};
+use bos::notify::feed::{ChangeFeed, NotifyingRepository};
+use support::fixtures;
+use support::kafka::PARTITIONS;
+use support::relay::*;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+async fn unpublished(env: &Env) -> usize {
+    outbox_rows(&env.store)
+        .await
+        .iter()
+        .filter(|r| r.published_at.is_none())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_changes_that_wrote_outbox_rows_wake_the_relay() {
+    let env = env().await;
+    let mut config = relay_config();
+    // Only a wake-up can explain a publish within the test's deadlines.
+    config.poll_interval = Duration::from_secs(120);
+    let (stop, task, handle) = spawn_relay_with(
+        env.store.clone(),
+        env.broker.bootstrap_servers(),
+        None,
+        config,
+    );
+    let feed = ChangeFeed::new();
+    let (stop_wake, mut wake_stopped) = watch::channel(false);
+    let waker = tokio::spawn(handle.wake_on_changes(feed.clone(), async move {
+        let _ = wake_stopped.wait_for(|s| *s).await;
+    }));
+    let orchestrator = Orchestrator::new(
+        Arc::new(NotifyingRepository::new(Arc::new(env.store.clone()), feed)),
+        Arc::new(BuiltinResolver::default()),
+        Arc::new(SystemClock),
+        Arc::new(UuidV7Generator),
+    );
+    // Let the relay's first (empty) round pass, so it is asleep in its long poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A GUEST batch up to a dispatched spellcheck: every step writes rows, and each wakes the relay.
+    let batch_id = register(&orchestrator, "alice").await;
+    let agg = env.store.load(batch_id).await.unwrap().unwrap();
+    orchestrator
+        .handle(batch_id, fixtures::provisioned(&agg), None)
+        .await
+        .unwrap();
+    orchestrator
+        .request_pipeline(
+            Actor::User(agg.batch.owner.clone()),
+            batch_id,
+            PhaseName::Spellcheck,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    wait_drained(&env.store, Duration::from_secs(5)).await;
+
+    // A row written behind the feed's back, then a committed change that publishes nothing.
+    let topic = format!("bos.test.wake.{}", Uuid::new_v4().simple());
+    env.broker.create_topic(&topic, PARTITIONS).unwrap();
+    insert_raw_rows(&env.store, &topic, &["quiet".to_owned()], 1).await;
+    let delivered = Input::PhaseCommandDelivered {
+        phase: PhaseName::Spellcheck,
+        attempt: Attempt::FIRST,
+    };
+    let applied = orchestrator
+        .handle(batch_id, delivered, None)
+        .await
+        .unwrap();
+    let Applied::Changed { effects, .. } = applied else {
+        panic!("the delivery report was not applied")
+    };
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Publish(_))),
+        "{effects:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(unpublished(&env).await, 1, "the relay stayed asleep");
+
+    // The next change that writes rows wakes it; the waiting row goes out with them.
+    let started = Instant::now();
+    register(&orchestrator, "bob").await;
+    wait_drained(&env.store, Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "published {:?} after the commit",
+        started.elapsed()
+    );
+    assert_eq!(unpublished(&env).await, 0);
+
+    let _ = stop_wake.send(true);
+    let _ = stop.send(true);
+    waker.await.unwrap();
+    task.await.unwrap();
+}
