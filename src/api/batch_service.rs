@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::auth::Identity;
 use super::errors::{to_status, ApiError};
 use super::views::{batch_view, course_code_text, parse_phase, phase_name, run_status, timestamp};
-use crate::core::ids::{BatchId, RunId};
+use crate::core::ids::{BatchId, PhaseName, RunId};
 use crate::core::input::Actor;
 use crate::core::model::{BatchAggregate, RunStatus};
 use crate::core::orchestrator::{Orchestrator, RequestOrigin};
@@ -42,6 +42,22 @@ fn caller<T>(request: &Request<T>) -> Result<Identity, Status> {
         .get::<Identity>()
         .cloned()
         .ok_or_else(|| to_status(ApiError::Unauthenticated("missing credentials".to_owned())))
+}
+
+/// Parses the batch id and a phase field together, so a request with both wrong names both violations.
+fn batch_and_phase(
+    batch_id: &str,
+    (field, phase): (&'static str, i32),
+) -> Result<(BatchId, PhaseName), Status> {
+    match (
+        BatchId::parse("batch_id", batch_id),
+        parse_phase(field, phase),
+    ) {
+        (Ok(batch_id), Ok(phase)) => Ok((batch_id, phase)),
+        (b, p) => Err(to_status(
+            b.err().into_iter().chain(p.err()).collect::<Vec<_>>(),
+        )),
+    }
 }
 
 fn optional(text: String) -> Option<String> {
@@ -105,20 +121,11 @@ impl BatchService for BatchApi {
     ) -> Result<Response<pb::RetryPhaseResponse>, Status> {
         let actor = Actor::User(caller(&request)?.user);
         let body = request.into_inner();
-        let batch_id = BatchId::parse("batch_id", &body.batch_id);
-        let phase = parse_phase("phase", body.phase);
-        let (batch_id, phase) = match (batch_id, phase) {
-            (Ok(b), Ok(p)) => (b, p),
-            (b, p) => {
-                return Err(to_status(
-                    b.err().into_iter().chain(p.err()).collect::<Vec<_>>(),
-                ))
-            }
-        };
+        let (batch_id, phase) = batch_and_phase(&body.batch_id, ("phase", body.phase))?;
         let accepted = self
             .orchestrator
             .retry_phase(
-                actor.clone(),
+                actor,
                 batch_id,
                 phase,
                 optional(body.reason),
@@ -126,18 +133,10 @@ impl BatchService for BatchApi {
             )
             .await
             .map_err(to_status)?;
-        // The attempt is decided inside the transaction; read it back from the committed run.
-        let after = self
-            .orchestrator
-            .batch_for(&actor, batch_id)
-            .await
-            .map_err(to_status)?;
-        let attempt = after
-            .runs
-            .iter()
-            .find(|r| r.id == accepted.run_id)
-            .and_then(|r| r.phase(phase))
-            .map_or(0, |p| i32::try_from(p.attempt.get()).unwrap_or(i32::MAX));
+        let attempt = accepted
+            .attempts
+            .get(&phase)
+            .map_or(0, |a| i32::try_from(a.get()).unwrap_or(i32::MAX));
         Ok(Response::new(pb::RetryPhaseResponse {
             run_id: accepted.run_id.to_string(),
             correlation_id: accepted.correlation_id.to_string(),
@@ -156,16 +155,10 @@ impl BatchService for BatchApi {
     ) -> Result<Response<pb::RequestPipelineResponse>, Status> {
         let actor = Actor::User(caller(&request)?.user);
         let body = request.into_inner();
-        let batch_id = BatchId::parse("batch_id", &body.batch_id);
-        let requested = parse_phase("requested_pipeline", body.requested_pipeline);
-        let (batch_id, requested) = match (batch_id, requested) {
-            (Ok(b), Ok(p)) => (b, p),
-            (b, p) => {
-                return Err(to_status(
-                    b.err().into_iter().chain(p.err()).collect::<Vec<_>>(),
-                ))
-            }
-        };
+        let (batch_id, requested) = batch_and_phase(
+            &body.batch_id,
+            ("requested_pipeline", body.requested_pipeline),
+        )?;
         let accepted = self
             .orchestrator
             .request_pipeline(

@@ -1,6 +1,7 @@
 //! The application service both transports call: it gathers what `decide` needs (ids, time, the resolved
 //! pipeline) and hands one unit of work to the repository, which runs `decide` inside its transaction.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::ids::{BatchId, CorrelationId, EssayId, InvalidValue, PhaseName, RunId};
+use super::ids::{Attempt, BatchId, CorrelationId, EssayId, InvalidValue, PhaseName, RunId};
 use super::input::{Actor, Input};
 use super::machine::check_owner;
 use super::model::{BatchAggregate, RunStatus};
@@ -63,6 +64,8 @@ pub struct RunAccepted {
     pub correlation_id: CorrelationId,
     /// The run's phases in dispatch order (empty when everything was already done).
     pub phases: Vec<PhaseName>,
+    /// The attempt number each phase of the run was given (decided inside the transaction).
+    pub attempts: BTreeMap<PhaseName, Attempt>,
     /// `Running`, or already final when the run completed at once.
     pub status: RunStatus,
 }
@@ -309,6 +312,7 @@ impl Orchestrator {
             run_id,
             correlation_id,
             phases: run.phases.iter().map(|p| p.phase).collect(),
+            attempts: run.phases.iter().map(|p| (p.phase, p.attempt)).collect(),
             status: run.status,
         })
     }
