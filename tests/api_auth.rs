@@ -50,46 +50,10 @@ fn forged_token() -> String {
     .unwrap()
 }
 
-/// A batch of alice's whose spellcheck failed, so a retry would be legal for her.
-async fn failed_batch(server: &ApiServer) -> BatchId {
-    let batch_id = server.ready_batch("alice", 2).await;
-    let mut grpc = server.batches().await;
-    grpc.request_pipeline(authed(
-        "alice",
-        pb::RequestPipelineRequest {
-            batch_id: batch_id.to_string(),
-            requested_pipeline: PhaseName::Spellcheck as i32,
-            prompt_ref: String::new(),
-        },
-    ))
-    .await
-    .unwrap();
-    let agg = server.load(batch_id).await;
-    let run = agg.active_run().unwrap();
-    let attempt = run.phase(CorePhase::Spellcheck).unwrap().attempt;
-    server
-        .handles
-        .orchestrator
-        .handle(
-            batch_id,
-            Input::PhaseOutcome {
-                phase: CorePhase::Spellcheck,
-                attempt,
-                status: ReportedPhaseStatus::FailedCritically,
-                processed: vec![],
-                failed: agg.essays.iter().map(|e| e.id).collect(),
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    batch_id
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_credentials_are_unauthenticated_on_both_transports() {
     let server = ApiServer::start().await;
-    let batch_id = failed_batch(&server).await;
+    let batch_id = server.failed_batch("alice", 2).await;
     let before = server.load(batch_id).await;
     let id = batch_id.to_string();
     let http = reqwest::Client::new();
@@ -167,7 +131,7 @@ async fn bad_credentials_are_unauthenticated_on_both_transports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_users_batch_is_not_found_and_untouched() {
     let server = ApiServer::start().await;
-    let batch_id = failed_batch(&server).await;
+    let batch_id = server.failed_batch("alice", 2).await;
     let ready_id = server.ready_batch("alice", 2).await;
     let before = server.load(batch_id).await;
     let ready_before = server.load(ready_id).await;

@@ -159,6 +159,46 @@ impl ApiServer {
         batch_id
     }
 
+    /// A ready GUEST batch of `user`'s whose spellcheck run failed (every essay), so a retry is legal for them.
+    pub async fn failed_batch(&self, user: &str, essays: i32) -> BatchId {
+        use bos::core::ids::PhaseName as CorePhase;
+        use bos::core::input::{Input, ReportedPhaseStatus};
+        let batch_id = self.ready_batch(user, essays).await;
+        self.batches()
+            .await
+            .request_pipeline(authed(
+                user,
+                pb::RequestPipelineRequest {
+                    batch_id: batch_id.to_string(),
+                    requested_pipeline: bos::proto::huleedu::common::v1::PhaseName::Spellcheck
+                        as i32,
+                    prompt_ref: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
+        let agg = self.load(batch_id).await;
+        let attempt = agg
+            .active_run()
+            .unwrap()
+            .phase(CorePhase::Spellcheck)
+            .unwrap()
+            .attempt;
+        let failed = Input::PhaseOutcome {
+            phase: CorePhase::Spellcheck,
+            attempt,
+            status: ReportedPhaseStatus::FailedCritically,
+            processed: vec![],
+            failed: agg.essays.iter().map(|e| e.id).collect(),
+        };
+        self.handles
+            .orchestrator
+            .handle(batch_id, failed, None)
+            .await
+            .unwrap();
+        batch_id
+    }
+
     /// Waits until every dispatched phase of the active run is IN_PROGRESS (the relay reports each command it
     /// delivered), recording the delivery itself if the relay has not within a few seconds. After this the batch
     /// changes only when the test changes it.
