@@ -27,8 +27,9 @@ use crate::events::dlq::DlqPublisher;
 use crate::events::handlers::EventHandler;
 use crate::events::relay::{DeliveryListener, Relay, RelayConfig};
 use crate::events::scanner::{self, ScannerConfig};
-use crate::notify::feed::{ChangeFeed, NotifyingRepository};
-use crate::notify::redis::{PublishingRepository, RedisNotifier};
+use crate::notify::feed::ChangeFeed;
+use crate::notify::observed::{CommitObserver, ObservedRepository};
+use crate::notify::redis::RedisNotifier;
 use crate::proto::huleedu::events::v1 as pe;
 use crate::store::Store;
 
@@ -168,7 +169,7 @@ where
     // Every committed change is announced on the feed (WatchBatch streams listen to it), and
     // with Redis also published to the owner's channel and to the other replicas.
     let feed = ChangeFeed::new();
-    let mut committed: Arc<dyn BatchRepository> = Arc::new(store.clone());
+    let mut observers: Vec<Arc<dyn CommitObserver>> = vec![Arc::new(feed.clone())];
     if let Some(url) = &config.redis_url {
         let notifier = RedisNotifier::new(url.expose(), "")?;
         tasks.push(tokio::spawn({
@@ -177,10 +178,10 @@ where
         }));
         let (publisher, publisher_task) = notifier.spawn_publisher(4096);
         tasks.push(publisher_task);
-        committed = Arc::new(PublishingRepository::new(committed, publisher));
+        observers.push(Arc::new(publisher));
     }
     let repository: Arc<dyn BatchRepository> =
-        Arc::new(NotifyingRepository::new(committed, feed.clone()));
+        Arc::new(ObservedRepository::new(Arc::new(store.clone()), observers));
     let resolver: Arc<dyn PipelineResolver> = match &config.bcs_url {
         Some(url) => Arc::new(BcsClient::new(
             url,

@@ -6,8 +6,6 @@ mod support;
 
 use api_support::{authed, internal, ApiServer, INTERNAL_KEY, SECRET};
 use bos::config::{JwtKey, Secret};
-use bos::core::ids::{BatchId, PhaseName as CorePhase};
-use bos::core::input::{Input, ReportedPhaseStatus};
 use bos::proto::huleedu::bos::v1 as pb;
 use bos::proto::huleedu::common::v1::PhaseName;
 use serde_json::{json, Value};

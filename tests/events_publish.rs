@@ -15,7 +15,8 @@ use bos::core::model::PhaseStatus;
 use bos::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use bos::core::ports::{Applied, BatchRepository};
 use bos::events::relay::DeliveryListener;
-use bos::notify::feed::{ChangeFeed, NotifyingRepository};
+use bos::notify::feed::ChangeFeed;
+use bos::notify::observed::ObservedRepository;
 use bos::proto::huleedu::events::v1::EventEnvelope;
 use prost::Message as _;
 use support::fixtures;
@@ -216,7 +217,10 @@ async fn a_commit_wakes_the_relay_without_waiting_for_its_poll() {
         let _ = wake_stopped.wait_for(|s| *s).await;
     }));
     let orchestrator = Orchestrator::new(
-        Arc::new(NotifyingRepository::new(Arc::new(env.store.clone()), feed)),
+        Arc::new(ObservedRepository::new(
+            Arc::new(env.store.clone()),
+            vec![Arc::new(feed)],
+        )),
         Arc::new(BuiltinResolver::default()),
         Arc::new(SystemClock),
         Arc::new(UuidV7Generator),

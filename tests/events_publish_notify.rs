@@ -15,7 +15,8 @@ use bos::core::ports::{BatchRepository, PipelineResolver};
 use bos::core::registration::{validate, RawRegistration};
 use bos::events::scanner::{self, ScannerConfig};
 use bos::notify::feed::ChangeFeed;
-use bos::notify::redis::{PublishingRepository, RedisNotifier};
+use bos::notify::observed::ObservedRepository;
+use bos::notify::redis::RedisNotifier;
 use bos::store::Store;
 use futures::StreamExt;
 use serde_json::Value;
@@ -163,9 +164,9 @@ async fn phase_outcome_notifies_the_owner_channel() {
     let notifier = RedisNotifier::new(REDIS_URL, prefix.clone()).unwrap();
     let channel = notifier.user_channel("notified-owner");
     let (publisher, _task) = notifier.spawn_publisher(64);
-    let repo = Arc::new(PublishingRepository::new(
+    let repo = Arc::new(ObservedRepository::new(
         Arc::new(store.clone()),
-        publisher,
+        vec![Arc::new(publisher)],
     ));
     let orch = orchestrator(repo);
     let batch_id = dispatched_spellcheck(&orch, &store, "notified-owner").await;
@@ -264,9 +265,9 @@ async fn redis_down_never_fails_or_delays_the_unit_of_work() {
         .await
         .is_err());
     let (publisher, _task) = notifier.spawn_publisher(4);
-    let orch = orchestrator(Arc::new(PublishingRepository::new(
+    let orch = orchestrator(Arc::new(ObservedRepository::new(
         Arc::new(store.clone()),
-        publisher,
+        vec![Arc::new(publisher)],
     )));
     let started = Instant::now();
     // Several units, more notifications than the queue holds: all commit, none waits for Redis.

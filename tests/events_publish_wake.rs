@@ -12,7 +12,8 @@ use bos::core::ids::{Attempt, PhaseName};
 use bos::core::input::{Actor, Input};
 use bos::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use bos::core::ports::{Applied, BatchRepository};
-use bos::notify::feed::{ChangeFeed, NotifyingRepository};
+use bos::notify::feed::ChangeFeed;
+use bos::notify::observed::ObservedRepository;
 use support::fixtures;
 use support::kafka::PARTITIONS;
 use support::relay::*;
@@ -45,7 +46,10 @@ async fn only_changes_that_wrote_outbox_rows_wake_the_relay() {
         let _ = wake_stopped.wait_for(|s| *s).await;
     }));
     let orchestrator = Orchestrator::new(
-        Arc::new(NotifyingRepository::new(Arc::new(env.store.clone()), feed)),
+        Arc::new(ObservedRepository::new(
+            Arc::new(env.store.clone()),
+            vec![Arc::new(feed)],
+        )),
         Arc::new(BuiltinResolver::default()),
         Arc::new(SystemClock),
         Arc::new(UuidV7Generator),

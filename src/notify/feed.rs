@@ -3,15 +3,13 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
+use super::observed::CommitObserver;
 use crate::core::effect::Effect;
-use crate::core::ids::{BatchId, EventId, UserId};
+use crate::core::ids::BatchId;
 use crate::core::model::BatchAggregate;
-use crate::core::ports::{
-    Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
-};
+use crate::core::ports::Applied;
 
 /// How many announcements a slow subscriber may fall behind before it is told it lagged (it then re-reads).
 const CAPACITY: usize = 1024;
@@ -74,67 +72,12 @@ impl ChangeFeed {
     }
 }
 
-/// A repository decorator that announces every committed change on a `ChangeFeed`.
-pub struct NotifyingRepository<R: ?Sized> {
-    inner: Arc<R>,
-    feed: ChangeFeed,
-}
-
-impl<R: BatchRepository + ?Sized> NotifyingRepository<R> {
-    pub fn new(inner: Arc<R>, feed: ChangeFeed) -> Self {
-        Self { inner, feed }
-    }
-
-    pub fn feed(&self) -> &ChangeFeed {
-        &self.feed
-    }
-}
-
-impl<R: BatchRepository + ?Sized> BatchRepository for NotifyingRepository<R> {
-    fn apply<'a>(
-        &'a self,
-        unit: UnitOfWork,
-        now: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<Applied, RepositoryError>> {
-        Box::pin(async move {
-            let applied = self.inner.apply(unit, now).await?;
-            if let Applied::Changed { aggregate, effects } = &applied {
-                let publishes = effects.iter().any(|e| matches!(e, Effect::Publish(_)));
-                self.feed
-                    .publish_snapshot(Arc::new(aggregate.as_ref().clone()), publishes);
-            }
-            Ok(applied)
-        })
-    }
-
-    fn load<'a>(
-        &'a self,
-        batch_id: BatchId,
-    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
-        self.inner.load(batch_id)
-    }
-
-    fn list_batches<'a>(
-        &'a self,
-        owner: &'a UserId,
-        page_size: u32,
-        page_token: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<BatchPage, RepositoryError>> {
-        self.inner.list_batches(owner, page_size, page_token)
-    }
-
-    fn timed_out_phases<'a>(
-        &'a self,
-        dispatched_before: DateTime<Utc>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>> {
-        self.inner.timed_out_phases(dispatched_before, limit)
-    }
-
-    fn is_processed<'a>(
-        &'a self,
-        event_id: EventId,
-    ) -> BoxFuture<'a, Result<bool, RepositoryError>> {
-        self.inner.is_processed(event_id)
+/// Announces every committed change, with its state, to the feed's subscribers.
+impl CommitObserver for ChangeFeed {
+    fn committed(&self, _batch_id: BatchId, applied: &Applied) {
+        if let Applied::Changed { aggregate, effects } = applied {
+            let publishes = effects.iter().any(|e| matches!(e, Effect::Publish(_)));
+            self.publish_snapshot(Arc::new(aggregate.as_ref().clone()), publishes);
+        }
     }
 }

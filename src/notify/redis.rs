@@ -6,10 +6,7 @@
 //! counts the failure and the committed change stands.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
-
-use chrono::{DateTime, Utc};
 
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -19,12 +16,10 @@ use uuid::Uuid;
 use tokio::sync::mpsc;
 
 use super::feed::ChangeFeed;
+use super::observed::CommitObserver;
 use crate::core::effect::{Effect, Notification};
-use crate::core::ids::{BatchId, EventId, UserId};
-use crate::core::model::BatchAggregate;
-use crate::core::ports::{
-    Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
-};
+use crate::core::ids::BatchId;
+use crate::core::ports::Applied;
 
 /// Channel carrying the ids of changed batches between replicas.
 pub const CHANGES_CHANNEL: &str = "bos:batch-changes";
@@ -264,61 +259,10 @@ impl RedisPublisher {
     }
 }
 
-/// A repository decorator that hands every committed change to a `RedisPublisher`.
-pub struct PublishingRepository<R: ?Sized> {
-    inner: Arc<R>,
-    publisher: RedisPublisher,
-}
-
-impl<R: BatchRepository + ?Sized> PublishingRepository<R> {
-    pub fn new(inner: Arc<R>, publisher: RedisPublisher) -> Self {
-        Self { inner, publisher }
-    }
-}
-
-impl<R: BatchRepository + ?Sized> BatchRepository for PublishingRepository<R> {
-    fn apply<'a>(
-        &'a self,
-        unit: UnitOfWork,
-        now: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<Applied, RepositoryError>> {
-        Box::pin(async move {
-            let batch_id = unit.batch_id;
-            let applied = self.inner.apply(unit, now).await?;
-            self.publisher.after_commit(batch_id, &applied);
-            Ok(applied)
-        })
-    }
-
-    fn load<'a>(
-        &'a self,
-        batch_id: BatchId,
-    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
-        self.inner.load(batch_id)
-    }
-
-    fn list_batches<'a>(
-        &'a self,
-        owner: &'a UserId,
-        page_size: u32,
-        page_token: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<BatchPage, RepositoryError>> {
-        self.inner.list_batches(owner, page_size, page_token)
-    }
-
-    fn timed_out_phases<'a>(
-        &'a self,
-        dispatched_before: DateTime<Utc>,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Vec<TimedOutPhase>, RepositoryError>> {
-        self.inner.timed_out_phases(dispatched_before, limit)
-    }
-
-    fn is_processed<'a>(
-        &'a self,
-        event_id: EventId,
-    ) -> BoxFuture<'a, Result<bool, RepositoryError>> {
-        self.inner.is_processed(event_id)
+/// Hands every committed change to the publishing task.
+impl CommitObserver for RedisPublisher {
+    fn committed(&self, batch_id: BatchId, applied: &Applied) {
+        self.after_commit(batch_id, applied);
     }
 }
 
