@@ -66,9 +66,10 @@ pub struct EchoArgs {
 type OpFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// `tasks` callers each calling `op` back to back for `duration` (at most `max_ops` calls in all); one second of
-/// warm-up first, not recorded.
+/// warm-up first, not recorded. Prints the CPU the server (`server_pid`), PostgreSQL and the generator spent.
 pub async fn closed_loop(
     name: &str,
+    server_pid: u32,
     tasks: usize,
     duration: Duration,
     max_ops: u64,
@@ -82,6 +83,7 @@ pub async fn closed_loop(
                 duration
             };
         let issued = Arc::new(AtomicU64::new(0));
+        let cpu = stack::CpuMeter::start(server_pid);
         let started = Instant::now();
         let handles: Vec<_> = (0..tasks.max(1))
             .map(|i| {
@@ -110,6 +112,7 @@ pub async fn closed_loop(
             let mut summary = total.summary();
             summary.elapsed = started.elapsed();
             summary.throughput = summary.ok as f64 / summary.elapsed.as_secs_f64();
+            println!("{summary}\n  {}", cpu.per_op(summary.ok, summary.elapsed));
             return summary;
         }
     }
@@ -151,7 +154,7 @@ pub async fn register(
 
 /// `bos bench status`.
 pub async fn status(common: &Common, args: &StatusArgs) -> Result<Vec<String>, BenchError> {
-    let db = BenchDb::create(&common.pg_admin_url).await?;
+    let db = BenchDb::for_run(common).await?;
     let broker = Broker::start(&common.broker, common.partitions).await?;
     let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
     let result = status_on(&bos, args).await;
@@ -180,13 +183,13 @@ async fn status_on(bos: &BosProcess, args: &StatusArgs) -> Result<Vec<String>, B
     }
     let grpc = closed_loop(
         "GetBatchStatus gRPC (BOS)",
+        bos.pid(),
         args.concurrency,
         duration,
         args.max_calls,
         grpc_op(clients, batch_id.clone()),
     )
     .await;
-    println!("{grpc}");
 
     let echo = EchoProcess::start(&encoded).await?;
     let mut echo_clients = Vec::new();
@@ -199,13 +202,13 @@ async fn status_on(bos: &BosProcess, args: &StatusArgs) -> Result<Vec<String>, B
     }
     let bare = closed_loop(
         "GetBatchStatus gRPC (bare tonic echo)",
+        echo.child.id(),
         args.concurrency,
         duration,
         args.max_calls,
         grpc_op(echo_clients, batch_id.clone()),
     )
     .await;
-    println!("{bare}");
     drop(echo);
 
     let http = reqwest::Client::builder()
@@ -215,6 +218,7 @@ async fn status_on(bos: &BosProcess, args: &StatusArgs) -> Result<Vec<String>, B
     let auth = format!("Bearer {}", stack::token("bench-user")?);
     let json = closed_loop(
         "GetBatchStatus HTTP/JSON (BOS)",
+        bos.pid(),
         args.concurrency,
         duration,
         args.max_calls,
@@ -233,7 +237,6 @@ async fn status_on(bos: &BosProcess, args: &StatusArgs) -> Result<Vec<String>, B
         }),
     )
     .await;
-    println!("{json}");
     Ok(vec![
         Ratio {
             label: "GetBatchStatus gRPC calls/s vs bare tonic echo".into(),
@@ -257,15 +260,17 @@ pub async fn register_batches(
     common: &Common,
     args: &RegisterArgs,
 ) -> Result<Vec<String>, BenchError> {
-    let db = BenchDb::create(&common.pg_admin_url).await?;
+    let db = BenchDb::for_run(common).await?;
     let broker = Broker::start(&common.broker, common.partitions).await?;
     let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
     let result = async {
         let mut client = stack::client(&bos.url(), "bench-user").await?;
         let mut rec = Recorder::new(format!("RegisterBatch {} essays", args.essays));
+        let mut cpu = stack::CpuMeter::start(bos.pid());
         for round in 0..args.rounds + 3 {
             if round == 3 {
                 rec.restart();
+                cpu = stack::CpuMeter::start(bos.pid());
             }
             let at = Instant::now();
             match register(&mut client, args.essays).await {
@@ -279,7 +284,7 @@ pub async fn register_batches(
         }
         rec.stop();
         let s = rec.summary();
-        println!("{s}");
+        println!("{s}\n  {}", cpu.per_op(s.ok, s.elapsed));
         Ok::<_, BenchError>(vec![verdict(
             &format!("RegisterBatch of {} essays p50", args.essays),
             s.p50,

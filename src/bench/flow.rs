@@ -60,7 +60,7 @@ impl Plane {
                 format!("bos-bench-reader-{}", uuid::Uuid::now_v7()),
             )
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", "1")
             .create()?;
         let mut assignment = TopicPartitionList::new();
         for topic in published_topics() {

@@ -89,7 +89,7 @@ pub async fn cold_start(args: &ColdStartArgs) -> Result<Vec<String>, BenchError>
 
 /// `bos bench memory`: idle RSS on PostgreSQL + broker, then RSS samples through the soak.
 pub async fn memory(common: &Common, args: &MemoryArgs) -> Result<Vec<String>, BenchError> {
-    let db = BenchDb::create(&common.pg_admin_url).await?;
+    let db = BenchDb::for_run(common).await?;
     let broker = Broker::start(&common.broker, common.partitions).await?;
     let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
     let result = async {

@@ -57,6 +57,9 @@ pub struct Common {
     /// Partitions per topic (also the concurrency of the raw reference loop).
     #[arg(long, global = true, default_value_t = 4)]
     pub partitions: i32,
+    /// Log every statement of the run's database with its duration (PostgreSQL's server log), for profiling.
+    #[arg(long, global = true)]
+    pub log_statements: bool,
     /// Hard bound on one measure's run time, setup included, in seconds.
     #[arg(long, global = true, default_value_t = 900)]
     pub max_secs: u64,

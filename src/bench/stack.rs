@@ -51,6 +51,24 @@ pub struct BenchDb {
 }
 
 impl BenchDb {
+    /// Creates `bos_bench_<uuid>` on the server of `admin_url` (a loopback server), from `common`'s settings.
+    pub async fn for_run(common: &super::Common) -> Result<BenchDb, BenchError> {
+        let db = Self::create(&common.pg_admin_url).await?;
+        if common.log_statements {
+            db.admin
+                .execute_unprepared(&format!(
+                    "ALTER DATABASE \"{}\" SET log_min_duration_statement = 0",
+                    db.name
+                ))
+                .await?;
+            println!(
+                "logging every statement of {} to the PostgreSQL server log",
+                db.name
+            );
+        }
+        Ok(db)
+    }
+
     /// Creates `bos_bench_<uuid>` on the server of `admin_url` (a loopback server).
     pub async fn create(admin_url: &str) -> Result<BenchDb, BenchError> {
         let rest = admin_url.split_once("://").map_or(admin_url, |(_, r)| r);
@@ -248,7 +266,17 @@ impl BosProcess {
         let log = std::env::temp_dir().join(format!("bos-bench-{port}-{tag}.log"));
         let data_dir = std::env::temp_dir().join(format!("bos-bench-data-{tag}"));
         let file = std::fs::File::create(&log)?;
-        let mut command = Command::new(std::env::current_exe()?);
+        // BOS_BENCH_WRAP runs BOS under a profiler, e.g. "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg".
+        let wrap = std::env::var("BOS_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(std::env::current_exe()?);
+                c
+            }
+            None => Command::new(std::env::current_exe()?),
+        };
         command
             .arg("serve")
             .env_clear()
@@ -279,7 +307,7 @@ impl BosProcess {
             ("BOS_KAFKA_BROKERS", brokers.to_owned()),
             ("BOS_KAFKA_GROUP", group),
         ])?;
-        process.wait_healthy(Duration::from_secs(60)).await?;
+        process.wait_healthy(Duration::from_secs(300)).await?;
         Ok(process)
     }
 
@@ -312,6 +340,17 @@ impl BosProcess {
         }
     }
 
+    /// Under `BOS_BENCH_WRAP=valgrind --tool=callgrind --collect-atstart=no …`: collect only while measuring.
+    pub fn profile(&self, on: bool) {
+        if std::env::var("BOS_BENCH_WRAP").is_ok_and(|w| w.contains("callgrind")) {
+            let _ = Command::new("callgrind_control")
+                .arg(if on { "--instr=on" } else { "--instr=off" })
+                .arg(self.pid().to_string())
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -330,8 +369,20 @@ impl BosProcess {
         format!("http://{}", self.addr)
     }
 
-    /// Kills the process (SIGKILL) and removes its data directory; the log is kept for a post-mortem.
+    /// Stops the process (SIGTERM, then SIGKILL after 30 s, so a profiler around it can write its output) and
+    /// removes its data directory; the log is kept for a post-mortem.
     pub fn stop(mut self) {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        let until = Instant::now() + Duration::from_secs(30);
+        while terminated && Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.data_dir);
@@ -342,6 +393,86 @@ impl Drop for BosProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// CPU time (user + system) a process has used, from /proc (Linux; clock ticks assumed 100 Hz, the kernel's
+/// USER_HZ on every mainstream distribution).
+pub fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start at the closing parenthesis.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the state.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU time of every process named `name` (e.g. the PostgreSQL server and its backends).
+pub fn cpu_time_of(name: &str) -> Duration {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .map(cpu_time)
+        .sum()
+}
+
+/// CPU used by the parts of the stack over one measured stretch.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    bos: u32,
+    start: [Duration; 3],
+}
+
+impl CpuMeter {
+    pub fn start(bos_pid: u32) -> Self {
+        Self {
+            bos: bos_pid,
+            start: Self::now(bos_pid),
+        }
+    }
+
+    fn now(bos: u32) -> [Duration; 3] {
+        [
+            cpu_time(bos),
+            cpu_time_of("postgres"),
+            cpu_time(std::process::id()),
+        ]
+    }
+
+    /// "CPU ms per op: bos …, postgres …, generator+broker …" for `ops` operations since `start`.
+    pub fn per_op(&self, ops: u64, wall: Duration) -> String {
+        let end = Self::now(self.bos);
+        let used: Vec<Duration> = end
+            .iter()
+            .zip(self.start)
+            .map(|(e, s)| e.saturating_sub(s))
+            .collect();
+        let per = |d: Duration| d.as_secs_f64() * 1e3 / ops.max(1) as f64;
+        let total: Duration = used.iter().sum();
+        format!(
+            "CPU per op: bos {:.3} ms, postgres {:.3} ms, generator (+ mock broker) {:.3} ms; machine busy {:.0} % of {} CPUs",
+            per(used[0]),
+            per(used[1]),
+            per(used[2]),
+            100.0 * total.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+                / std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )
     }
 }
 

@@ -49,7 +49,7 @@ struct Spine {
 
 impl Spine {
     async fn start(common: &Common) -> Result<Spine, BenchError> {
-        let db = BenchDb::create(&common.pg_admin_url).await?;
+        let db = BenchDb::for_run(common).await?;
         let broker = Broker::start(&common.broker, common.partitions).await?;
         let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
         let plane = Plane::start(broker.bootstrap(), common.partitions)?;
@@ -113,9 +113,17 @@ pub async fn transitions(
     let mut spine = Spine::start(common).await?;
     let result = async {
         let held = spine.prepare(common, args.batches, args.essays).await?;
+        let cpu = stack::CpuMeter::start(spine.bos.pid());
+        let window = chrono::Utc::now();
+        spine.bos.profile(true);
         let drive = flow::drive(&mut spine.plane, held, None, common.deadline()).await?;
+        spine.bos.profile(false);
+        if common.log_statements {
+            println!("measured window (UTC): {window} .. {}", chrono::Utc::now());
+        }
         let measured = drive.transitions.summary();
         println!("{measured}");
+        println!("  {}", cpu.per_op(measured.ok, measured.elapsed));
         let concurrency = usize::try_from(common.partitions).unwrap_or(1).max(1);
         let raw = raw_cas(
             &spine.db.url,
