@@ -211,7 +211,8 @@ impl Relay {
             .set("bootstrap.servers", bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
+            // No lingering: a round's rows are sent together anyway, and a lone command should not wait.
+            .set("linger.ms", "0")
             .set(
                 "message.timeout.ms",
                 config.delivery_timeout.as_millis().to_string(),
