@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::stack::{self, BenchDb, BosProcess, Broker, Client};
+use super::stack::{self, BosProcess, Client, Stack};
 use super::stats::{verdict, Ratio, Recorder, Summary};
 use super::{BenchError, Common};
 use crate::proto::huleedu::bos::v1 as api;
@@ -154,13 +154,9 @@ pub async fn register(
 
 /// `bos bench status`.
 pub async fn status(common: &Common, args: &StatusArgs) -> Result<Vec<String>, BenchError> {
-    let db = BenchDb::for_run(common).await?;
-    let broker = Broker::start(&common.broker, common.partitions).await?;
-    let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
-    let result = status_on(&bos, args).await;
-    bos.stop();
-    broker.stop().await;
-    db.drop_database().await;
+    let stack = Stack::start(common).await?;
+    let result = status_on(&stack.bos, args).await;
+    stack.stop().await;
     result
 }
 
@@ -181,6 +177,7 @@ async fn status_on(bos: &BosProcess, args: &StatusArgs) -> Result<Vec<String>, B
     for _ in 0..args.connections.max(1) {
         clients.push(stack::client(&bos.url(), "bench-user").await?);
     }
+    bos.profile(true);
     let grpc = closed_loop(
         "GetBatchStatus gRPC (BOS)",
         bos.pid(),
@@ -191,6 +188,7 @@ async fn status_on(bos: &BosProcess, args: &StatusArgs) -> Result<Vec<String>, B
     )
     .await;
 
+    bos.profile(false);
     let echo = EchoProcess::start(&encoded).await?;
     let mut echo_clients = Vec::new();
     for _ in 0..args.connections.max(1) {
@@ -260,9 +258,8 @@ pub async fn register_batches(
     common: &Common,
     args: &RegisterArgs,
 ) -> Result<Vec<String>, BenchError> {
-    let db = BenchDb::for_run(common).await?;
-    let broker = Broker::start(&common.broker, common.partitions).await?;
-    let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
+    let stack = Stack::start(common).await?;
+    let bos = &stack.bos;
     let result = async {
         let mut client = stack::client(&bos.url(), "bench-user").await?;
         let mut rec = Recorder::new(format!("RegisterBatch {} essays", args.essays));
@@ -292,9 +289,7 @@ pub async fn register_batches(
         )])
     }
     .await;
-    bos.stop();
-    broker.stop().await;
-    db.drop_database().await;
+    stack.stop().await;
     result
 }
 

@@ -9,7 +9,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
 
 use super::flow::{self, Plane};
-use super::stack::{self, BenchDb, BosProcess, Broker, Client};
+use super::stack::{self, BosProcess, Client, Stack};
 use super::stats::{percentile, verdict, Recorder};
 use super::{BenchError, Common};
 use crate::events::codec::topic_for;
@@ -89,16 +89,22 @@ pub async fn cold_start(args: &ColdStartArgs) -> Result<Vec<String>, BenchError>
 
 /// `bos bench memory`: idle RSS on PostgreSQL + broker, then RSS samples through the soak.
 pub async fn memory(common: &Common, args: &MemoryArgs) -> Result<Vec<String>, BenchError> {
-    let db = BenchDb::for_run(common).await?;
-    let broker = Broker::start(&common.broker, common.partitions).await?;
-    let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
+    let stack = Stack::start(common).await?;
+    let (bos, broker) = (&stack.bos, &stack.broker);
     let result = async {
         let plane = Plane::start(broker.bootstrap(), common.partitions)?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle = bos.rss_kib()?;
-        println!("idle RSS (PostgreSQL + external broker): {:.1} MiB", idle as f64 / MIB);
+        let before = stack::cpu_time(bos.pid());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle_cpu = stack::cpu_time(bos.pid()).saturating_sub(before);
+        println!(
+            "idle (PostgreSQL + external broker): RSS {:.1} MiB, CPU {:.2} % of one core",
+            idle as f64 / MIB,
+            idle_cpu.as_secs_f64() * 10.0
+        );
         let client = stack::client(&bos.url(), "bench-user").await?;
-        let (samples, soak) = soak(&bos, plane, client, args).await?;
+        let (samples, soak) = soak(bos, plane, client, args).await?;
         let summary = soak.summary();
         println!("{summary}");
         for (at, kib) in &samples {
@@ -127,9 +133,7 @@ pub async fn memory(common: &Common, args: &MemoryArgs) -> Result<Vec<String>, B
         ])
     }
     .await;
-    bos.stop();
-    broker.stop().await;
-    db.drop_database().await;
+    stack.stop().await;
     result
 }
 

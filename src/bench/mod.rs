@@ -116,6 +116,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if let Measure::EchoServer(echo) = &args.measure {
         return api::echo_server(echo).await;
     }
+    if let BrokerChoice::External(list) = &common.broker {
+        stack::require_loopback(list)?;
+    }
     print_machine();
     let measures: Vec<Measure> = match args.measure {
         Measure::All(all) => vec![

@@ -396,6 +396,41 @@ impl Drop for BosProcess {
     }
 }
 
+/// A database, a broker and one `bos serve` on them: what most measures run against.
+pub struct Stack {
+    pub db: BenchDb,
+    pub broker: Broker,
+    pub bos: BosProcess,
+}
+
+impl Stack {
+    /// Starts the three, undoing what was started when a later one fails (no database is left behind).
+    pub async fn start(common: &super::Common) -> Result<Stack, BenchError> {
+        let broker = Broker::start(&common.broker, common.partitions).await?;
+        let db = match BenchDb::for_run(common).await {
+            Ok(db) => db,
+            Err(e) => {
+                broker.stop().await;
+                return Err(e);
+            }
+        };
+        match BosProcess::start(&db.url, broker.bootstrap()).await {
+            Ok(bos) => Ok(Stack { db, broker, bos }),
+            Err(e) => {
+                db.drop_database().await;
+                broker.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn stop(self) {
+        self.bos.stop();
+        self.broker.stop().await;
+        self.db.drop_database().await;
+    }
+}
+
 /// CPU time (user + system) a process has used, from /proc (Linux; clock ticks assumed 100 Hz, the kernel's
 /// USER_HZ on every mainstream distribution).
 pub fn cpu_time(pid: u32) -> Duration {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DbBackend, Statement, Value};
 
 use super::flow::{self, Plane};
-use super::stack::{self, BenchDb, BosProcess, Broker};
+use super::stack::{self, Stack};
 use super::stats::{verdict, Ratio, Recorder, Summary};
 use super::{BenchError, Common};
 
@@ -39,34 +39,31 @@ pub struct LatencyArgs {
     pub essays: i32,
 }
 
-/// The running stack of one transition measure.
+/// The running stack of one transition measure, with the generator's event plane.
 struct Spine {
-    db: BenchDb,
-    broker: Broker,
-    bos: BosProcess,
+    stack: Stack,
     plane: Plane,
 }
 
 impl Spine {
     async fn start(common: &Common) -> Result<Spine, BenchError> {
-        let db = BenchDb::for_run(common).await?;
-        let broker = Broker::start(&common.broker, common.partitions).await?;
-        let bos = BosProcess::start(&db.url, broker.bootstrap()).await?;
-        let plane = Plane::start(broker.bootstrap(), common.partitions)?;
+        let stack = Stack::start(common).await?;
+        let plane = match Plane::start(stack.broker.bootstrap(), common.partitions) {
+            Ok(plane) => plane,
+            Err(e) => {
+                stack.stop().await;
+                return Err(e);
+            }
+        };
         println!(
             "stack: bos serve (pid {}) on {}, PostgreSQL database {}, broker: {}, {} partitions per topic",
-            bos.pid(),
-            bos.addr,
-            db.url.rsplit('/').next().unwrap_or_default(),
-            broker.label(),
+            stack.bos.pid(),
+            stack.bos.addr,
+            stack.db.url.rsplit('/').next().unwrap_or_default(),
+            stack.broker.label(),
             common.partitions
         );
-        Ok(Spine {
-            db,
-            broker,
-            bos,
-            plane,
-        })
+        Ok(Spine { stack, plane })
     }
 
     async fn prepare(
@@ -75,7 +72,7 @@ impl Spine {
         batches: usize,
         essays: i32,
     ) -> Result<flow::Held, BenchError> {
-        let client = stack::client(&self.bos.url(), "bench-user").await?;
+        let client = stack::client(&self.stack.bos.url(), "bench-user").await?;
         let started = Instant::now();
         let mut setup_errors = Recorder::new("setup");
         let held = flow::prepare(
@@ -99,9 +96,7 @@ impl Spine {
 
     async fn stop(self) {
         self.plane.stop().await;
-        self.bos.stop();
-        self.broker.stop().await;
-        self.db.drop_database().await;
+        self.stack.stop().await;
     }
 }
 
@@ -113,11 +108,11 @@ pub async fn transitions(
     let mut spine = Spine::start(common).await?;
     let result = async {
         let held = spine.prepare(common, args.batches, args.essays).await?;
-        let cpu = stack::CpuMeter::start(spine.bos.pid());
+        let cpu = stack::CpuMeter::start(spine.stack.bos.pid());
         let window = chrono::Utc::now();
-        spine.bos.profile(true);
+        spine.stack.bos.profile(true);
         let drive = flow::drive(&mut spine.plane, held, None, common.deadline()).await?;
-        spine.bos.profile(false);
+        spine.stack.bos.profile(false);
         if common.log_statements {
             println!("measured window (UTC): {window} .. {}", chrono::Utc::now());
         }
@@ -126,7 +121,7 @@ pub async fn transitions(
         println!("  {}", cpu.per_op(measured.ok, measured.elapsed));
         let concurrency = usize::try_from(common.partitions).unwrap_or(1).max(1);
         let raw = raw_cas(
-            &spine.db.url,
+            &spine.stack.db.url,
             concurrency,
             Duration::from_secs(args.raw_seconds),
         )
