@@ -175,8 +175,9 @@ impl EventConsumer {
             .set("heartbeat.interval.ms", "1000")
             // The embedded broker (librdkafka's mock cluster) and tansu answer a fetch when its wait runs out, not
             // when a record arrives, so the 500 ms default was added to every event's latency (bos bench latency:
-            // p50 298 ms at 50 events/s). An idle member now sends ~100 tiny fetches a second instead of 2.
-            .set("fetch.wait.max.ms", "10");
+            // p50 298 ms at 50 events/s; 12 ms with 10 ms here, 6.6 ms with 2 ms). The price: an idle member sends
+            // ~500 tiny fetches a second, about 2 % of a core (BENCHMARKS.md).
+            .set("fetch.wait.max.ms", "2");
         for (key, value) in &settings.overrides {
             config.set(key, value);
         }
