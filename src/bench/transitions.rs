@@ -148,9 +148,11 @@ pub async fn latency(common: &Common, args: &LatencyArgs) -> Result<Vec<String>,
     let result = async {
         let batches = ((args.rate * args.seconds as f64) / 3.0).ceil().max(1.0) as usize;
         let held = spine.prepare(common, batches, args.essays).await?;
+        let cpu = stack::CpuMeter::start(spine.stack.bos.pid());
         let drive = flow::drive(&mut spine.plane, held, Some(args.rate), common.deadline()).await?;
         let s = drive.transitions.summary();
         println!("{s}");
+        println!("  {}", cpu.per_op(s.ok, s.elapsed));
         println!(
             "offered {:.0} events/s, sent {:.1}/s, completed {} pipelines",
             args.rate, drive.sent_rate, drive.batches_completed
