@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::stack::{self, BosProcess, Client, Stack};
+use super::process::{self, BosProcess};
+use super::stack::{self, Client, Stack};
 use super::stats::{verdict, Ratio, Recorder, Summary};
 use super::{BenchError, Common};
 use crate::proto::huleedu::bos::v1 as api;
@@ -83,7 +84,7 @@ pub async fn closed_loop(
                 duration
             };
         let issued = Arc::new(AtomicU64::new(0));
-        let cpu = stack::CpuMeter::start(server_pid);
+        let cpu = process::CpuMeter::start(server_pid);
         let started = Instant::now();
         let handles: Vec<_> = (0..tasks.max(1))
             .map(|i| {
@@ -263,11 +264,11 @@ pub async fn register_batches(
     let result = async {
         let mut client = stack::client(&bos.url(), "bench-user").await?;
         let mut rec = Recorder::new(format!("RegisterBatch {} essays", args.essays));
-        let mut cpu = stack::CpuMeter::start(bos.pid());
+        let mut cpu = process::CpuMeter::start(bos.pid());
         for round in 0..args.rounds + 3 {
             if round == 3 {
                 rec.restart();
-                cpu = stack::CpuMeter::start(bos.pid());
+                cpu = process::CpuMeter::start(bos.pid());
             }
             let at = Instant::now();
             match register(&mut client, args.essays).await {

@@ -9,7 +9,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
 
 use super::flow::{self, Plane};
-use super::stack::{self, BosProcess, Client, Stack};
+use super::process::{self, BosProcess};
+use super::stack::{self, Client, Stack};
 use super::stats::{percentile, verdict, Recorder};
 use super::{BenchError, Common};
 use crate::events::codec::topic_for;
@@ -95,9 +96,9 @@ pub async fn memory(common: &Common, args: &MemoryArgs) -> Result<Vec<String>, B
         let plane = Plane::start(broker.bootstrap(), common.partitions)?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let idle = bos.rss_kib()?;
-        let before = stack::cpu_time(bos.pid());
+        let before = process::cpu_time(bos.pid());
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let idle_cpu = stack::cpu_time(bos.pid()).saturating_sub(before);
+        let idle_cpu = process::cpu_time(bos.pid()).saturating_sub(before);
         println!(
             "idle (PostgreSQL + external broker): RSS {:.1} MiB, CPU {:.2} % of one core",
             idle as f64 / MIB,

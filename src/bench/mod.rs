@@ -6,6 +6,7 @@
 pub mod api;
 pub mod flow;
 pub mod memory;
+pub mod process;
 pub mod stack;
 pub mod stats;
 pub mod transitions;

@@ -4,9 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DbBackend, Statement, Value};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+    TransactionTrait, Value,
+};
 
 use super::flow::{self, Plane};
+use super::process;
 use super::stack::{self, Stack};
 use super::stats::{verdict, Ratio, Recorder, Summary};
 use super::{BenchError, Common};
@@ -108,7 +112,7 @@ pub async fn transitions(
     let mut spine = Spine::start(common).await?;
     let result = async {
         let held = spine.prepare(common, args.batches, args.essays).await?;
-        let cpu = stack::CpuMeter::start(spine.stack.bos.pid());
+        let cpu = process::CpuMeter::start(spine.stack.bos.pid());
         let window = chrono::Utc::now();
         spine.stack.bos.profile(true);
         let drive = flow::drive(&mut spine.plane, held, None, common.deadline()).await?;
@@ -120,13 +124,14 @@ pub async fn transitions(
         println!("{measured}");
         println!("  {}", cpu.per_op(measured.ok, measured.elapsed));
         let concurrency = usize::try_from(common.partitions).unwrap_or(1).max(1);
-        let raw = raw_cas(
-            &spine.stack.db.url,
-            concurrency,
-            Duration::from_secs(args.raw_seconds),
-        )
-        .await?;
+        let seconds = Duration::from_secs(args.raw_seconds);
+        let cpu = process::CpuMeter::start(spine.stack.bos.pid());
+        let raw = sql_loop(&spine.stack.db.url, SqlLoop::RawCas, concurrency, seconds).await?;
         println!("{raw}");
+        println!("  {}", cpu.per_op(raw.ok, raw.elapsed));
+        let floor =
+            sql_loop(&spine.stack.db.url, SqlLoop::MinimalUnit, concurrency, seconds).await?;
+        println!("{floor}");
         let ratio = Ratio {
             label: format!(
                 "transitions/s through the spine vs raw CAS UPDATE/s at concurrency {concurrency}"
@@ -135,7 +140,12 @@ pub async fn transitions(
             reference: raw.throughput,
             target: 0.7,
         };
-        Ok::<_, BenchError>(vec![ratio.to_string()])
+        let context = format!(
+            "CONTEXT minimal unit of work (BEGIN, inbox, CAS, outbox, COMMIT) vs raw CAS: {:.3}; spine vs minimal unit: {:.3}",
+            floor.throughput / raw.throughput.max(1e-9),
+            measured.throughput / floor.throughput.max(1e-9),
+        );
+        Ok::<_, BenchError>(vec![ratio.to_string(), context])
     }
     .await;
     spine.stop().await;
@@ -148,7 +158,7 @@ pub async fn latency(common: &Common, args: &LatencyArgs) -> Result<Vec<String>,
     let result = async {
         let batches = ((args.rate * args.seconds as f64) / 3.0).ceil().max(1.0) as usize;
         let held = spine.prepare(common, batches, args.essays).await?;
-        let cpu = stack::CpuMeter::start(spine.stack.bos.pid());
+        let cpu = process::CpuMeter::start(spine.stack.bos.pid());
         let drive = flow::drive(&mut spine.plane, held, Some(args.rate), common.deadline()).await?;
         let s = drive.transitions.summary();
         println!("{s}");
@@ -179,11 +189,21 @@ pub async fn latency(common: &Common, args: &LatencyArgs) -> Result<Vec<String>,
     result
 }
 
-/// The physical reference: `concurrency` tasks, each on its own `batches` row, each running
-/// `UPDATE batches SET version = version + 1 WHERE id = $1 AND version = $2` (one round trip, autocommit) for
-/// `duration`.
-pub async fn raw_cas(
+/// What one task of a SQL reference loop does per operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlLoop {
+    /// `UPDATE batches SET version = version + 1 WHERE id = $1 AND version = $2`, one round trip, autocommit: the
+    /// issue's physical reference.
+    RawCas,
+    /// The least a transactional unit of work can do: BEGIN; inbox INSERT; the CAS UPDATE; outbox INSERT (born
+    /// published, so the running relay leaves it alone); COMMIT. The floor of the design, for context.
+    MinimalUnit,
+}
+
+/// `concurrency` tasks, each on its own `batches` row, each running `kind` back to back for `duration`.
+pub async fn sql_loop(
     url: &str,
+    kind: SqlLoop,
     concurrency: usize,
     duration: Duration,
 ) -> Result<Summary, BenchError> {
@@ -201,7 +221,7 @@ pub async fn raw_cas(
         .await?;
     if rows.len() < concurrency {
         return Err(BenchError::Setup(format!(
-            "the raw loop needs {concurrency} batch rows, found {}",
+            "the SQL loop needs {concurrency} batch rows, found {}",
             rows.len()
         )));
     }
@@ -219,18 +239,15 @@ pub async fn raw_cas(
         .map(|(id, mut version)| {
             let db = Arc::clone(&db);
             tokio::spawn(async move {
-                let mut rec = Recorder::new("raw");
+                let mut rec = Recorder::new("sql");
                 while Instant::now() < until {
                     let at = Instant::now();
-                    let done = db
-                        .execute_raw(Statement::from_sql_and_values(
-                            DbBackend::Postgres,
-                            "UPDATE batches SET version = version + 1 WHERE id = $1 AND version = $2",
-                            [Value::from(id), Value::from(version)],
-                        ))
-                        .await;
+                    let done = match kind {
+                        SqlLoop::RawCas => cas(&*db, id, version).await,
+                        SqlLoop::MinimalUnit => minimal_unit(&db, id, version).await,
+                    };
                     match done {
-                        Ok(r) if r.rows_affected() == 1 => {
+                        Ok(1) => {
                             version += 1;
                             rec.ok(at.elapsed());
                         }
@@ -242,7 +259,11 @@ pub async fn raw_cas(
             })
         })
         .collect();
-    let mut total = Recorder::new(format!("raw CAS UPDATE ({concurrency} tasks)"));
+    let name = match kind {
+        SqlLoop::RawCas => format!("raw CAS UPDATE ({concurrency} tasks)"),
+        SqlLoop::MinimalUnit => format!("minimal unit of work ({concurrency} tasks)"),
+    };
+    let mut total = Recorder::new(name);
     for task in tasks {
         total.merge(task.await.map_err(|e| BenchError::Setup(e.to_string()))?);
     }
@@ -255,4 +276,44 @@ pub async fn raw_cas(
         let _ = db.close().await;
     }
     Ok(summary)
+}
+
+async fn cas<C: ConnectionTrait>(
+    conn: &C,
+    id: uuid::Uuid,
+    version: i64,
+) -> Result<u64, sea_orm::DbErr> {
+    Ok(conn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE batches SET version = version + 1 WHERE id = $1 AND version = $2",
+            [Value::from(id), Value::from(version)],
+        ))
+        .await?
+        .rows_affected())
+}
+
+async fn minimal_unit(
+    db: &DatabaseConnection,
+    id: uuid::Uuid,
+    version: i64,
+) -> Result<u64, sea_orm::DbErr> {
+    let txn = db.begin().await?;
+    let event = Value::from(uuid::Uuid::now_v7());
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO processed_events (event_id, topic, processed_at) VALUES ($1, 'bench.floor', now())",
+        [event.clone()],
+    ))
+    .await?;
+    let updated = cas(&txn, id, version).await?;
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO event_outbox (event_id, topic, message_key, payload, headers, created_at, published_at, \
+         attempts, next_attempt_at, parked) VALUES ($1, 'bench.floor', $2, '\\x00', '{}', now(), now(), 0, now(), false)",
+        [event, Value::from(id.to_string())],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok(updated)
 }
