@@ -173,21 +173,18 @@ async fn crash_and_recover(point: &str, after: u64) {
         bos::events::codec::topic_for::<pe::BatchPipelineCompleted>().unwrap_or_default();
     let mut topics = command_topics();
     topics.push(completed.clone());
-    let records = TopicReader::new(&tansu.bootstrap, &topics)
-        .drain(Duration::from_secs(2))
-        .await;
+    let records = stack::read_until(
+        &tansu.bootstrap,
+        &topics,
+        Duration::from_secs(30),
+        |records| stack::distinct_events(records, &completed) >= batch_ids.len(),
+    )
+    .await;
     for (key, ids) in commands_by_key(&records) {
         assert_eq!(ids.len(), 1, "{point}: {key:?} commanded as {ids:?}");
     }
-    let mut completions: Vec<&str> = records
-        .iter()
-        .filter(|r| r.topic == completed)
-        .filter_map(|r| r.header("event_id"))
-        .collect();
-    completions.sort();
-    completions.dedup();
     assert_eq!(
-        completions.len(),
+        stack::distinct_events(&records, &completed),
         batch_ids.len(),
         "{point}: one completion event per run"
     );

@@ -15,7 +15,6 @@ use bos::sim::demo::{default_batches, DemoResult};
 use bos::sim::{Behaviour, SimulatorOptions};
 use futures::StreamExt;
 use stack::{command_topics, commands_by_key, BosProcess, StackEnv, Tansu, JWT_SECRET};
-use support::kafka::TopicReader;
 use support::TestDb;
 
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -99,8 +98,13 @@ async fn demo_batches_complete_with_one_command_per_attempt_real_counts_and_owne
     let mut topics = command_topics();
     let completed_topic = bos::events::codec::topic_for::<pe::BatchPipelineCompleted>().unwrap();
     topics.push(completed_topic.clone());
-    let reader = TopicReader::new(&tansu.bootstrap, &topics);
-    let records = reader.drain(Duration::from_secs(3)).await;
+    let records = stack::read_until(
+        &tansu.bootstrap,
+        &topics,
+        Duration::from_secs(30),
+        |records| stack::distinct_events(records, &completed_topic) >= batches.len(),
+    )
+    .await;
     let commands = commands_by_key(&records);
     assert!(!commands.is_empty());
     for ((batch, phase, attempt), ids) in &commands {
@@ -122,9 +126,12 @@ async fn demo_batches_complete_with_one_command_per_attempt_real_counts_and_owne
         matching,
         batches.iter().filter(|b| b.class_id.is_some()).count()
     );
+    let mut seen_completions = std::collections::BTreeSet::new();
     let completions: Vec<pe::BatchPipelineCompleted> = records
         .iter()
         .filter(|r| r.topic == completed_topic)
+        // At-least-once: a completion published twice carries one event id and counts once.
+        .filter(|r| seen_completions.insert(r.header("event_id").unwrap_or_default().to_owned()))
         .map(|r| {
             decode_payload::<pe::BatchPipelineCompleted>(&r.topic, Some(&r.payload))
                 .unwrap()

@@ -20,7 +20,7 @@ use rdkafka::config::ClientConfig;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::support::kafka::{ReadRecord, PARTITIONS};
+use crate::support::kafka::{ReadRecord, TopicReader, PARTITIONS};
 
 /// The HS256 secret every process of a stack shares.
 pub const JWT_SECRET: &str = "e2e-test-secret-0123456789abcdef";
@@ -363,4 +363,41 @@ pub fn command_topics() -> Vec<String> {
 
 pub fn parse_batch(id: &str) -> BatchId {
     BatchId::parse("batch_id", id).expect("a batch id")
+}
+
+/// Reads `topics` from the beginning until `complete` holds for what was read (a relay under load may publish
+/// the last records a while after the state they follow is visible), then a short quiet period more, so a
+/// duplicate published late is seen too. Panics after `within`.
+pub async fn read_until(
+    bootstrap: &str,
+    topics: &[String],
+    within: Duration,
+    complete: impl Fn(&[ReadRecord]) -> bool,
+) -> Vec<ReadRecord> {
+    let reader = TopicReader::new(bootstrap, topics);
+    let until = Instant::now() + within;
+    let mut records = Vec::new();
+    while !complete(&records) {
+        assert!(
+            Instant::now() < until,
+            "the topics never held what was expected: {records:#?}"
+        );
+        if let Some(record) = reader.next(Duration::from_millis(200)).await {
+            records.push(record);
+        }
+    }
+    records.extend(reader.drain(Duration::from_secs(1)).await);
+    records
+}
+
+/// How many distinct event ids the records of `topic` carry.
+pub fn distinct_events(records: &[ReadRecord], topic: &str) -> usize {
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter(|r| r.topic == topic)
+        .filter_map(|r| r.header("event_id"))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids.len()
 }
