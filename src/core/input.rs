@@ -139,21 +139,3 @@ pub enum Input {
         reason: Option<String>,
     },
 }
-
-impl Input {
-    /// A short stable name for logs and metrics labels.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Input::Register(_) => "register",
-            Input::ContentProvisioned { .. } => "content_provisioned",
-            Input::StudentAssociationsConfirmed { .. } => "student_associations_confirmed",
-            Input::EssaysReady { .. } => "essays_ready",
-            Input::ValidationErrors { .. } => "validation_errors",
-            Input::RequestPipeline { .. } => "request_pipeline",
-            Input::PhaseCommandDelivered { .. } => "phase_command_delivered",
-            Input::PhaseOutcome { .. } => "phase_outcome",
-            Input::PhaseTimedOut { .. } => "phase_timed_out",
-            Input::Cancel { .. } => "cancel",
-        }
-    }
-}

@@ -75,7 +75,7 @@ impl InputKind {
         }
     }
 
-    /// The same names as `Input::kind`.
+    /// A short stable name for logs, metrics labels and rejections.
     pub fn as_str(self) -> &'static str {
         match self {
             InputKind::Register => "register",
