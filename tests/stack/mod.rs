@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,10 +27,7 @@ pub const JWT_SECRET: &str = "e2e-test-secret-0123456789abcdef";
 pub const INTERNAL_KEY: &str = "e2e-internal-key";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    bos::bench::stack::free_port().expect("a free loopback port")
 }
 
 fn repo_root() -> PathBuf {
@@ -114,17 +111,9 @@ impl Drop for Tansu {
 }
 
 pub async fn wait_for_port(port: u16, within: Duration) {
-    let until = Instant::now() + within;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+    bos::bench::stack::wait_for_port(port, within)
         .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < until,
-            "nothing listens on 127.0.0.1:{port}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// What every `bos serve` process of one stack shares.
