@@ -31,7 +31,7 @@ use crate::notify::feed::ChangeFeed;
 use crate::notify::observed::{CommitObserver, ObservedRepository};
 use crate::notify::redis::RedisNotifier;
 use crate::proto::huleedu::events::v1 as pe;
-use crate::store::Store;
+use crate::store::{GroupCommitConfig, GroupCommitter, Store};
 
 /// How long open requests and streams may run on after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -180,8 +180,10 @@ where
         tasks.push(publisher_task);
         observers.push(Arc::new(publisher));
     }
+    // Units of work from every caller are committed in groups (one transaction, one WAL flush per group).
+    let committer = GroupCommitter::start(store.clone(), GroupCommitConfig::default());
     let repository: Arc<dyn BatchRepository> =
-        Arc::new(ObservedRepository::new(Arc::new(store.clone()), observers));
+        Arc::new(ObservedRepository::new(Arc::new(committer), observers));
     let resolver: Arc<dyn PipelineResolver> = match &config.bcs_url {
         Some(url) => Arc::new(BcsClient::new(
             url,

@@ -29,8 +29,9 @@ use crate::core::ports::BoxFuture;
 use crate::notify::feed::ChangeFeed;
 use crate::store::{FailureOutcome, FaultPoint, OutboxRow, Store, StoreError};
 
-/// Delivery reports applied at once after a round (each one unit of work on a different batch, mostly).
-const DELIVERY_REPORT_CONCURRENCY: usize = 8;
+/// Delivery reports applied at once after a round (each one unit of work on a different batch, mostly): all of a
+/// round's, so that the group committer commits them in a few transactions instead of one each.
+const DELIVERY_REPORT_CONCURRENCY: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -403,7 +404,7 @@ impl Relay {
         report.failed = failed.len();
 
         if let Some(listener) = &self.listener {
-            // Each delivery report is a unit of work on its own batch; run side by side, they share round trips and
+            // Each delivery report is a unit of work on its own batch; submitted side by side, they share groups and
             // commits instead of holding the next round back by one unit per delivered command.
             futures::stream::iter(delivered.iter().filter_map(|row| phase_command_of(row)))
                 .for_each_concurrent(DELIVERY_REPORT_CONCURRENCY, |(batch_id, phase, attempt)| {

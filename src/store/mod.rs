@@ -5,8 +5,10 @@
 //! rows → child rows → outbox rows → commit. The relay reads the outbox through `outbox`.
 
 mod cache;
+pub mod committer;
 pub mod entities;
 pub mod faults;
+mod group;
 mod inbox;
 pub mod mapping;
 pub mod outbox;
@@ -25,7 +27,9 @@ use sea_orm::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
+pub use committer::{GroupCommitConfig, GroupCommitStats, GroupCommitter};
 pub use faults::{FaultPlan, FaultPoint, InjectedFault};
+pub use group::GroupResults;
 pub use outbox::{
     EffectEncoder, EncodeError, FailureOutcome, OutboxMessage, OutboxPolicy, OutboxRow,
     OutboxStats, PruneReport,

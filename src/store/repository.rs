@@ -38,8 +38,17 @@ use crate::core::rejection::Rejection;
 /// Bind parameters per statement we allow ourselves: under SQLite's 32,766 and PostgreSQL's 65,535.
 const MAX_BIND_PARAMS: usize = 30_000;
 
+/// A unit decided and written inside an open transaction, before its outbox rows and the commit.
+pub(super) struct Written {
+    pub(super) aggregate: BatchAggregate,
+    pub(super) effects: Vec<Effect>,
+    pub(super) messages: Vec<(EventId, super::OutboxMessage)>,
+    /// False when the decision changed nothing: then nothing was written and the version stands.
+    pub(super) changed: bool,
+}
+
 /// Why one attempt of a unit did not commit.
-enum AttemptError {
+pub(super) enum AttemptError {
     /// A compare-and-set lost; re-read and decide again.
     Conflict,
     Rejected(Rejection),
@@ -114,13 +123,38 @@ impl Store {
             self.faults.hit(FaultPoint::AfterInbox)?;
         }
         let old = queries::load_in(&txn, unit.batch_id, Some(&self.cache)).await?;
-        let decision = match decide(old.as_ref(), &unit.input, now) {
-            Ok(d) => d,
-            Err(rejection) => {
+        let written = match self.decide_and_write(&txn, old.as_ref(), unit, now).await {
+            Err(AttemptError::Rejected(rejection)) => {
                 txn.rollback().await?;
                 return Err(AttemptError::Rejected(rejection));
             }
+            other => other?,
         };
+        insert_messages(&txn, written.messages, now).await?;
+        self.faults.hit(FaultPoint::BeforeCommit)?;
+        txn.commit().await?;
+        if written.changed {
+            // What the database now holds, so the batch's next unit of work reads one row instead of five.
+            self.cache
+                .put(Arc::new(canonical(written.aggregate.clone())));
+        }
+        self.faults.hit(FaultPoint::AfterCommit)?;
+        Ok(Applied::Changed {
+            aggregate: Box::new(written.aggregate),
+            effects: written.effects,
+        })
+    }
+
+    /// decide → batch compare-and-set → child rows, inside `txn`, from the aggregate `old` as `txn` sees it. The
+    /// outbox rows come back for the caller to insert (a group inserts every unit's rows in one statement).
+    pub(super) async fn decide_and_write(
+        &self,
+        txn: &DatabaseTransaction,
+        old: Option<&BatchAggregate>,
+        unit: &UnitOfWork,
+        now: DateTime<Utc>,
+    ) -> Result<Written, AttemptError> {
+        let decision = decide(old, &unit.input, now).map_err(AttemptError::Rejected)?;
         let mut aggregate = decision.aggregate;
         if aggregate.batch.id != unit.batch_id {
             return Err(StoreError::Corrupt(format!(
@@ -129,24 +163,19 @@ impl Store {
             ))
             .into());
         }
-        let unchanged = old.as_ref() == Some(&aggregate) && decision.effects.is_empty();
-        if !unchanged {
-            write_batch(&txn, old.as_ref(), &mut aggregate).await?;
+        let changed = old != Some(&aggregate) || !decision.effects.is_empty();
+        let mut messages = Vec::new();
+        if changed {
+            write_batch(txn, old, &mut aggregate).await?;
             self.faults.hit(FaultPoint::AfterCas)?;
-            write_children(&txn, old.as_ref(), &mut aggregate).await?;
-            let messages = self.encode(&decision.effects, now)?;
-            insert_messages(&txn, messages, now).await?;
+            write_children(txn, old, &mut aggregate).await?;
+            messages = self.encode(&decision.effects, now)?;
         }
-        self.faults.hit(FaultPoint::BeforeCommit)?;
-        txn.commit().await?;
-        if !unchanged {
-            // What the database now holds, so the batch's next unit of work reads one row instead of five.
-            self.cache.put(Arc::new(canonical(aggregate.clone())));
-        }
-        self.faults.hit(FaultPoint::AfterCommit)?;
-        Ok(Applied::Changed {
-            aggregate: Box::new(aggregate),
+        Ok(Written {
+            aggregate,
             effects: decision.effects,
+            messages,
+            changed,
         })
     }
 
