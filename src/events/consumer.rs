@@ -1,5 +1,6 @@
-//! The consumer loop: one group member subscribed to the six consumed topics. Records of a partition are processed
-//! in order by that partition's worker; partitions proceed independently. An offset is committed only after its
+//! The consumer loop: one group member subscribed to the six consumed topics. Each partition has a worker; records
+//! of one batch (the record key) are processed in order, records of different batches side by side (see
+//! `window`); partitions proceed independently. An offset is committed only after its
 //! record's unit of work committed (or the record reached the dead-letter topic), so a later offset is never
 //! committed past an unfinished earlier one (defect 16).
 
@@ -9,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -23,9 +26,13 @@ use super::codec::{consumed_topics, decode, with_trace, TraceContext};
 use super::dedupe::Dedupe;
 use super::dlq::{DlqPublisher, RawRecord};
 use super::handlers::{EventHandler, HandleResult};
+use super::window::KeyedWindow;
 
 /// Records buffered per partition before the dispatcher waits for that partition's worker.
 const PARTITION_BUFFER: usize = 256;
+/// Records of one partition processed at once (each of a different batch; a batch's records run one by one).
+/// Together they feed the group committer enough units to share commits.
+const RECORDS_IN_FLIGHT: usize = 32;
 /// A worker commits at least every this many finished records, and whenever it has caught up.
 const COMMIT_EVERY: u32 = 64;
 
@@ -291,6 +298,9 @@ impl EventConsumer {
     }
 }
 
+/// One record being processed: its offset and key, and how it ended.
+type RecordFuture = std::pin::Pin<Box<dyn Future<Output = (i64, Vec<u8>, Finished)> + Send>>;
+
 struct Worker {
     key: PartitionKey,
     state: Arc<PartitionState>,
@@ -301,35 +311,71 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut records: mpsc::Receiver<RawRecord>) {
+        let mut window = KeyedWindow::default();
+        let mut running: FuturesUnordered<RecordFuture> = FuturesUnordered::new();
+        // A record whose batch has an earlier record still running; it holds the ones behind it back.
+        let mut waiting: Option<RawRecord> = None;
+        let mut taking = true;
         let mut uncommitted = 0u32;
         loop {
-            let record = tokio::select! {
-                biased;
-                _ = self.stop.changed() => None,
-                record = records.recv() => record,
-            };
-            let Some(record) = record else { break };
-            if self.interrupted() {
+            taking = taking && !self.interrupted();
+            let room = waiting.is_none() && running.len() < RECORDS_IN_FLIGHT;
+            if !taking && running.is_empty() {
                 break;
             }
-            let offset = record.offset;
-            match self
-                .processor
-                .process(record, &self.state, &self.stop)
-                .await
-            {
-                Finished::Abandoned => break,
-                Finished::Done => {
-                    self.state.finished.store(offset + 1, Ordering::SeqCst);
-                    uncommitted += 1;
+            tokio::select! {
+                biased;
+                Some((offset, key, finished)) = running.next(), if !running.is_empty() => {
+                    match finished {
+                        // Interrupted: the record stays unfinished, so its offset is not committed.
+                        Finished::Abandoned => taking = false,
+                        Finished::Done => {
+                            window.finish(offset, &key);
+                            uncommitted += 1;
+                        }
+                    }
+                    if taking {
+                        if let Some(next) = waiting.take_if(|r| window.is_free(record_key(r))) {
+                            window.start(record_key(&next));
+                            running.push(self.start(next));
+                        }
+                    }
                 }
+                _ = self.stop.changed(), if taking => taking = false,
+                record = records.recv(), if taking && room => match record {
+                    Some(record) => {
+                        if window.admit(record.offset, record_key(&record)) {
+                            running.push(self.start(record));
+                        } else {
+                            waiting = Some(record);
+                        }
+                    }
+                    None => taking = false,
+                },
             }
-            if records.is_empty() || uncommitted >= COMMIT_EVERY {
+            if let Some(next) = window.committable() {
+                self.state.finished.fetch_max(next, Ordering::SeqCst);
+            }
+            if (records.is_empty() && running.is_empty()) || uncommitted >= COMMIT_EVERY {
                 self.commit();
                 uncommitted = 0;
             }
         }
         self.commit();
+    }
+
+    /// Processes one record on its own future; several run at once (of different batches).
+    fn start(&self, record: RawRecord) -> RecordFuture {
+        let (processor, state, stop) = (
+            self.processor.clone(),
+            self.state.clone(),
+            self.stop.clone(),
+        );
+        Box::pin(async move {
+            let (offset, key) = (record.offset, record_key(&record).to_vec());
+            let finished = processor.process(record, &state, &stop).await;
+            (offset, key, finished)
+        })
     }
 
     fn interrupted(&self) -> bool {
@@ -502,4 +548,9 @@ fn raw_record<M: Message>(message: &M) -> RawRecord {
         payload: message.payload().map(<[u8]>::to_vec),
         headers,
     }
+}
+
+/// The key that orders records: the batch id the producers key by (an unkeyed record orders with the other unkeyed).
+fn record_key(record: &RawRecord) -> &[u8] {
+    record.key.as_deref().unwrap_or_default()
 }

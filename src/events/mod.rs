@@ -8,3 +8,4 @@ pub mod dlq;
 pub mod handlers;
 pub mod relay;
 pub mod scanner;
+mod window;
