@@ -3,6 +3,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261204_000001_initial;
+mod m20261204_000002_outbox_unpublished;
 
 /// The values each enum column accepts (its CHECK constraint), for the test that compares them with the core.
 pub mod enum_values {
@@ -16,6 +17,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261204_000001_initial::Migration)]
+        vec![
+            Box::new(m20261204_000001_initial::Migration),
+            Box::new(m20261204_000002_outbox_unpublished::Migration),
+        ]
     }
 }

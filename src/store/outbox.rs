@@ -175,11 +175,17 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
     Ok(())
 }
 
+/// Due rows that are the oldest unpublished row of their key, in id order. The per-key check is a correlated
+/// lookup of the key's first unpublished id, which both databases answer from the partial index
+/// `ix_event_outbox_unpublished_key` whatever their statistics say: a `NOT EXISTS` anti-join let PostgreSQL, with
+/// statistics from when the table was small, scan every unpublished row once per candidate (157 ms per claim with
+/// 2,000 batches in `bos bench transitions`).
 const CLAIM_SQL: &str = r#"SELECT o.* FROM event_outbox o
 WHERE o.published_at IS NULL AND NOT o.parked AND o.next_attempt_at <= $1
-  AND NOT EXISTS (
-    SELECT 1 FROM event_outbox p
-    WHERE p.message_key = o.message_key AND p.id < o.id AND p.published_at IS NULL AND NOT p.parked)
+  AND o.id = (
+    SELECT p.id FROM event_outbox p
+    WHERE p.message_key = o.message_key AND p.published_at IS NULL AND NOT p.parked
+    ORDER BY p.id LIMIT 1)
 ORDER BY o.id
 LIMIT $2"#;
 
