@@ -39,7 +39,9 @@ async fn three_replicas_survive_a_sigkill_without_losing_or_doubling_a_command()
         SimulatorOptions {
             brokers: tansu.bootstrap.clone(),
             group: "e2e-simulator".to_owned(),
-            latency: Duration::from_millis(30),
+            // Long enough that a pipeline (three phases) outlasts registering and requesting all 200, so the kill
+            // lands mid-run however fast the replicas are.
+            latency: Duration::from_millis(400),
             behaviour: Behaviour {
                 failure_rate: 0.05,
                 ..Behaviour::default()
