@@ -50,12 +50,7 @@ async fn relay_publishes_stored_ids_and_headers_and_confirms_phase_delivery() {
     wait_drained(&env.store, Duration::from_secs(20)).await;
 
     // The relay reported the delivery: spellcheck is IN_PROGRESS, not just DISPATCH_INITIATED.
-    let agg = env.store.load(batch_id).await.unwrap().unwrap();
-    let run = agg.active_run().expect("a run is active");
-    assert_eq!(
-        run.phase(PhaseName::Spellcheck).unwrap().status,
-        PhaseStatus::InProgress
-    );
+    let agg = in_progress(&env.store, batch_id, PhaseName::Spellcheck).await;
 
     // The spellcheck outcome dispatches nlp; the relay is woken by nothing but its poll here.
     let cmd = {
@@ -127,15 +122,33 @@ async fn relay_publishes_stored_ids_and_headers_and_confirms_phase_delivery() {
     // Per key, publish order is commit order.
     let published: Vec<_> = rows.iter().map(|r| r.published_at.unwrap()).collect();
     assert!(published.windows(2).all(|w| w[0] <= w[1]), "{published:?}");
-    let agg = env.store.load(batch_id).await.unwrap().unwrap();
-    assert_eq!(
-        agg.active_run()
+    in_progress(&env.store, batch_id, PhaseName::Nlp).await;
+}
+
+/// Waits until the relay's delivery report (applied beside its next round) made `phase` IN_PROGRESS.
+async fn in_progress(
+    store: &bos::store::Store,
+    batch_id: bos::core::ids::BatchId,
+    phase: PhaseName,
+) -> bos::core::model::BatchAggregate {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let agg = store.load(batch_id).await.unwrap().unwrap();
+        let status = agg
+            .active_run()
+            .expect("a run is active")
+            .phase(phase)
             .unwrap()
-            .phase(PhaseName::Nlp)
-            .unwrap()
-            .status,
-        PhaseStatus::InProgress
-    );
+            .status;
+        if status == PhaseStatus::InProgress {
+            return agg;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{phase} stayed {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

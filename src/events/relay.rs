@@ -19,7 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use super::codec::header;
 use crate::core::ids::{Attempt, BatchId, PhaseName};
@@ -29,9 +29,31 @@ use crate::core::ports::BoxFuture;
 use crate::notify::feed::ChangeFeed;
 use crate::store::{FailureOutcome, FaultPoint, OutboxRow, Store, StoreError};
 
-/// Delivery reports applied at once after a round (each one unit of work on a different batch, mostly): all of a
-/// round's, so that the group committer commits them in a few transactions instead of one each.
+/// Delivery reports applied at once (each one unit of work on a different batch, mostly): a round's worth, so that
+/// the group committer commits them in a few transactions instead of one each.
 const DELIVERY_REPORT_CONCURRENCY: usize = 256;
+/// Rounds of delivery reports that may wait to be applied before the relay waits for the reporter.
+const REPORT_QUEUE_ROUNDS: usize = 64;
+
+/// A phase command the broker acknowledged.
+type PhaseDelivery = (BatchId, PhaseName, Attempt);
+
+/// Applies delivery reports as they come, everything queued at once, until the relay drops its sender.
+async fn apply_delivery_reports(
+    listener: Arc<dyn DeliveryListener>,
+    mut queue: mpsc::Receiver<Vec<PhaseDelivery>>,
+) {
+    while let Some(mut deliveries) = queue.recv().await {
+        while let Ok(more) = queue.try_recv() {
+            deliveries.extend(more);
+        }
+        futures::stream::iter(deliveries)
+            .for_each_concurrent(DELIVERY_REPORT_CONCURRENCY, |(batch_id, phase, attempt)| {
+                listener.command_delivered(batch_id, phase, attempt)
+            })
+            .await;
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -242,6 +264,13 @@ impl Relay {
     /// Relays until `shutdown` resolves; a round in progress is finished first.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // Delivery reports are applied beside the relay, so the next round is claimed while the last one's phases
+        // move to IN_PROGRESS; the bounded queue holds the relay back only if reporting falls far behind.
+        let (reports, queue) = mpsc::channel(REPORT_QUEUE_ROUNDS);
+        let reporter = self
+            .listener
+            .clone()
+            .map(|listener| tokio::spawn(apply_delivery_reports(listener, queue)));
         let mut failures: u32 = 0;
         // Whether a delivery failed since the last successful one. Failures of the store alone are over as soon
         // as a round gets through the database again; the broker's only when something is delivered.
@@ -249,7 +278,7 @@ impl Relay {
         let mut gauge_refreshed: Option<Instant> = None;
         tracing::info!("outbox relay started");
         loop {
-            let round = self.publish_round().await;
+            let round = self.publish_round(&reports).await;
             let mut pause = self.config.poll_interval;
             let mut backing_off = true;
             match round {
@@ -303,6 +332,10 @@ impl Relay {
             }
         }
         self.producer_flush().await;
+        drop(reports);
+        if let Some(reporter) = reporter {
+            let _ = reporter.await;
+        }
         tracing::info!("outbox relay stopped");
     }
 
@@ -346,7 +379,10 @@ impl Relay {
 
     /// Claims due rows, publishes them, waits for every delivery report, then marks the
     /// delivered ones published and hands the failed ones back to the store.
-    pub async fn publish_round(&self) -> Result<RoundReport, RelayError> {
+    async fn publish_round(
+        &self,
+        reports: &mpsc::Sender<Vec<PhaseDelivery>>,
+    ) -> Result<RoundReport, RelayError> {
         let rows = self
             .store
             .claim_due(self.config.batch_size, Utc::now())
@@ -403,14 +439,14 @@ impl Relay {
         }
         report.failed = failed.len();
 
-        if let Some(listener) = &self.listener {
-            // Each delivery report is a unit of work on its own batch; submitted side by side, they share groups and
-            // commits instead of holding the next round back by one unit per delivered command.
-            futures::stream::iter(delivered.iter().filter_map(|row| phase_command_of(row)))
-                .for_each_concurrent(DELIVERY_REPORT_CONCURRENCY, |(batch_id, phase, attempt)| {
-                    listener.command_delivered(batch_id, phase, attempt)
-                })
-                .await;
+        if self.listener.is_some() {
+            let delivered: Vec<PhaseDelivery> = delivered
+                .iter()
+                .filter_map(|row| phase_command_of(row))
+                .collect();
+            if !delivered.is_empty() && reports.send(delivered).await.is_err() {
+                tracing::warn!("the delivery reporter has stopped; phases stay DISPATCH_INITIATED");
+            }
         }
         Ok(report)
     }
