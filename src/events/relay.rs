@@ -32,26 +32,49 @@ use crate::store::{FailureOutcome, FaultPoint, OutboxRow, Store, StoreError};
 /// Delivery reports applied at once (each one unit of work on a different batch, mostly): a round's worth, so that
 /// the group committer commits them in a few transactions instead of one each.
 const DELIVERY_REPORT_CONCURRENCY: usize = 256;
-/// Rounds of delivery reports that may wait to be applied before the relay waits for the reporter.
-const REPORT_QUEUE_ROUNDS: usize = 64;
+/// Rounds that may wait to be finished before the relay waits for the finisher.
+const FINISH_QUEUE_ROUNDS: usize = 64;
 
 /// A phase command the broker acknowledged.
 type PhaseDelivery = (BatchId, PhaseName, Attempt);
 
-/// Applies delivery reports as they come, everything queued at once, until the relay drops its sender.
-async fn apply_delivery_reports(
-    listener: Arc<dyn DeliveryListener>,
-    mut queue: mpsc::Receiver<Vec<PhaseDelivery>>,
+/// What is left of a round once the broker acknowledged its records: marking them published and telling the
+/// listener which phase commands went out.
+#[derive(Debug, Default)]
+struct Delivered {
+    ids: Vec<i64>,
+    phases: Vec<PhaseDelivery>,
+}
+
+/// Finishes delivered rounds beside the relay, everything queued at once, until the relay drops its sender. The
+/// rows stay leased until they are marked, so no round claims them again meanwhile; a failed mark only means the
+/// rows go out again after their lease, with the same event ids, which consumers dedupe.
+async fn finish_rounds(
+    store: Store,
+    listener: Option<Arc<dyn DeliveryListener>>,
+    relay: Arc<Notify>,
+    mut queue: mpsc::Receiver<Delivered>,
 ) {
-    while let Some(mut deliveries) = queue.recv().await {
+    while let Some(mut delivered) = queue.recv().await {
         while let Ok(more) = queue.try_recv() {
-            deliveries.extend(more);
+            delivered.ids.extend(more.ids);
+            delivered.phases.extend(more.phases);
         }
-        futures::stream::iter(deliveries)
-            .for_each_concurrent(DELIVERY_REPORT_CONCURRENCY, |(batch_id, phase, attempt)| {
-                listener.command_delivered(batch_id, phase, attempt)
-            })
-            .await;
+        match store.mark_published(&delivered.ids, Utc::now()).await {
+            // A later row of the same key becomes claimable only now.
+            Ok(_) => relay.notify_one(),
+            Err(e) => {
+                metrics::counter!("relay_publish_errors").increment(1);
+                tracing::warn!(error = %e, rows = delivered.ids.len(), "cannot mark delivered rows published; they go out again after their lease");
+            }
+        }
+        if let Some(listener) = &listener {
+            futures::stream::iter(delivered.phases)
+                .for_each_concurrent(DELIVERY_REPORT_CONCURRENCY, |(batch_id, phase, attempt)| {
+                    listener.command_delivered(batch_id, phase, attempt)
+                })
+                .await;
+        }
     }
 }
 
@@ -264,13 +287,15 @@ impl Relay {
     /// Relays until `shutdown` resolves; a round in progress is finished first.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        // Delivery reports are applied beside the relay, so the next round is claimed while the last one's phases
-        // move to IN_PROGRESS; the bounded queue holds the relay back only if reporting falls far behind.
-        let (reports, queue) = mpsc::channel(REPORT_QUEUE_ROUNDS);
-        let reporter = self
-            .listener
-            .clone()
-            .map(|listener| tokio::spawn(apply_delivery_reports(listener, queue)));
+        // Delivered rounds are marked published and reported beside the relay, so the next round is claimed at once;
+        // the bounded queue holds the relay back only if finishing falls far behind.
+        let (finisher, queue) = mpsc::channel(FINISH_QUEUE_ROUNDS);
+        let finishing = tokio::spawn(finish_rounds(
+            self.store.clone(),
+            self.listener.clone(),
+            self.notify.clone(),
+            queue,
+        ));
         let mut failures: u32 = 0;
         // Whether a delivery failed since the last successful one. Failures of the store alone are over as soon
         // as a round gets through the database again; the broker's only when something is delivered.
@@ -278,7 +303,7 @@ impl Relay {
         let mut gauge_refreshed: Option<Instant> = None;
         tracing::info!("outbox relay started");
         loop {
-            let round = self.publish_round(&reports).await;
+            let round = self.publish_round(&finisher).await;
             let mut pause = self.config.poll_interval;
             let mut backing_off = true;
             match round {
@@ -332,10 +357,8 @@ impl Relay {
             }
         }
         self.producer_flush().await;
-        drop(reports);
-        if let Some(reporter) = reporter {
-            let _ = reporter.await;
-        }
+        drop(finisher);
+        let _ = finishing.await;
         tracing::info!("outbox relay stopped");
     }
 
@@ -381,7 +404,7 @@ impl Relay {
     /// delivered ones published and hands the failed ones back to the store.
     async fn publish_round(
         &self,
-        reports: &mpsc::Sender<Vec<PhaseDelivery>>,
+        finisher: &mpsc::Sender<Delivered>,
     ) -> Result<RoundReport, RelayError> {
         let rows = self
             .store
@@ -415,8 +438,6 @@ impl Relay {
             .hit(FaultPoint::AfterPublishBeforeMark)
             .map_err(StoreError::from)?;
 
-        let ids: Vec<i64> = delivered.iter().map(|r| r.id).collect();
-        self.store.mark_published(&ids, Utc::now()).await?;
         report.published = delivered.len();
         metrics::counter!("outbox_published_total").increment(delivered.len() as u64);
 
@@ -439,13 +460,18 @@ impl Relay {
         }
         report.failed = failed.len();
 
-        if self.listener.is_some() {
-            let delivered: Vec<PhaseDelivery> = delivered
-                .iter()
-                .filter_map(|row| phase_command_of(row))
-                .collect();
-            if !delivered.is_empty() && reports.send(delivered).await.is_err() {
-                tracing::warn!("the delivery reporter has stopped; phases stay DISPATCH_INITIATED");
+        if !delivered.is_empty() {
+            let round = Delivered {
+                ids: delivered.iter().map(|r| r.id).collect(),
+                phases: delivered
+                    .iter()
+                    .filter_map(|row| phase_command_of(row))
+                    .collect(),
+            };
+            if finisher.send(round).await.is_err() {
+                tracing::warn!(
+                    "the round finisher has stopped; delivered rows go out again after their lease"
+                );
             }
         }
         Ok(report)

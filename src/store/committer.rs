@@ -23,7 +23,8 @@ use crate::core::ports::{
 /// Tunables of the group committer.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
-    /// Groups committing at once (each on its own connection).
+    /// Groups committing at once (each on its own connection). More lanes: smaller groups, shorter waits behind
+    /// a group in progress (`bos bench latency` at 1,000/s: p50 33 ms with 4, 16 ms with 8).
     pub lanes: usize,
     /// Most units in one group.
     pub max_units: usize,
@@ -32,7 +33,7 @@ pub struct GroupCommitConfig {
 impl Default for GroupCommitConfig {
     fn default() -> Self {
         Self {
-            lanes: 4,
+            lanes: 8,
             max_units: 64,
         }
     }
