@@ -105,6 +105,7 @@ impl Store {
         unit: &UnitOfWork,
         now: DateTime<Utc>,
     ) -> Result<Applied, AttemptError> {
+        let ticket = self.cache.ticket();
         let txn = self.begin_write().await?;
         if let Some(entry) = &unit.inbox {
             if !inbox::record(&txn, entry, now).await? {
@@ -141,7 +142,8 @@ impl Store {
         txn.commit().await?;
         if !unchanged {
             // What the database now holds, so the batch's next unit of work reads one row instead of five.
-            self.cache.put(Arc::new(canonical(aggregate.clone())));
+            self.cache
+                .put(Arc::new(canonical(aggregate.clone())), ticket);
         }
         self.faults.hit(FaultPoint::AfterCommit)?;
         Ok(Applied::Changed {
@@ -504,6 +506,13 @@ impl BatchRepository for Store {
         batch_id: BatchId,
     ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
         Box::pin(async move { Ok(self.load_aggregate(batch_id).await?) })
+    }
+
+    fn read<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        Box::pin(async move { Ok(self.read_aggregate(batch_id).await?) })
     }
 
     fn list_batches<'a>(
