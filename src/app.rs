@@ -172,6 +172,8 @@ where
     let feed = ChangeFeed::new();
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![Arc::new(feed.clone())];
     if let Some(url) = &config.redis_url {
+        // The recorder first: the subscription may go live (status_cache_coherent) before /metrics is built.
+        let _ = api::metrics::prometheus_handle();
         let notifier = RedisNotifier::new(url.expose(), "")?;
         tasks.push(tokio::spawn({
             let (notifier, feed, stopped) = (notifier.clone(), feed.clone(), stopped());
@@ -387,13 +389,17 @@ pub async fn shutdown_signal() {
 
 /// The Redis change subscription keeps the store's aggregate cache coherent with the other replicas (see
 /// `store::cache`); the store itself knows nothing of notify.
+/// `status_cache_coherent` (1 while status reads may skip the database) tells an operator, and the status bench,
+/// which mode a replica is in.
 impl CacheCoherence for Store {
     fn live(&self) {
         self.remote_live();
+        metrics::gauge!("status_cache_coherent").set(1.0);
     }
 
     fn lost(&self) {
         self.remote_lost();
+        metrics::gauge!("status_cache_coherent").set(0.0);
     }
 
     fn changed(&self, batch_id: BatchId) {

@@ -82,22 +82,33 @@ impl BosProcess {
         Ok(process)
     }
 
-    /// Polls `/healthz` until it reports Redis `ok`: a measure of the production configuration must not start
-    /// while BOS still runs without it.
+    /// Polls `/healthz` until it reports Redis `ok`, and `/metrics` until the change subscription is live
+    /// (`status_cache_coherent 1`): a measure of the production configuration must not start while BOS still
+    /// runs without it.
     pub async fn wait_redis_ok(&self, within: Duration) -> Result<(), BenchError> {
         let started = Instant::now();
-        let url = format!("http://{}/healthz", self.addr);
+        let (health, metrics) = (
+            format!("http://{}/healthz", self.addr),
+            format!("http://{}/metrics", self.addr),
+        );
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()?;
         let mut last = String::from("no answer");
         while started.elapsed() < within {
-            if let Ok(response) = client.get(&url).send().await {
+            if let Ok(response) = client.get(&health).send().await {
                 if let Ok(report) = response.json::<serde_json::Value>().await {
+                    last = format!("redis {}", report["checks"]["redis"]);
                     if report["checks"]["redis"] == "ok" {
-                        return Ok(());
+                        let text = match client.get(&metrics).send().await {
+                            Ok(response) => response.text().await.unwrap_or_default(),
+                            Err(_) => String::new(),
+                        };
+                        if text.lines().any(|l| l.trim() == "status_cache_coherent 1") {
+                            return Ok(());
+                        }
+                        last = "redis ok, change subscription not live".to_owned();
                     }
-                    last = report["checks"]["redis"].to_string();
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

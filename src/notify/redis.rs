@@ -222,6 +222,7 @@ impl RedisNotifier {
             .map_err(|_| NotifyError::Timeout(TIMEOUT))??;
         // Redis has confirmed the subscription: every announcement from here on is delivered on this connection.
         coherence.live();
+        tracing::info!("redis change subscription live");
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
             let Ok(payload) = message.get_payload::<String>() else {
