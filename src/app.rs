@@ -17,6 +17,7 @@ use crate::clients::bcs::{BcsClient, BcsSettings};
 use crate::config::Config;
 use crate::core::graph::BuiltinResolver;
 use crate::core::graph::DependencyGraph;
+use crate::core::ids::BatchId;
 use crate::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use crate::core::ports::{BatchRepository, PipelineResolver};
 use crate::events::broker::{BrokerOptions, EmbeddedBroker};
@@ -29,9 +30,9 @@ use crate::events::relay::{DeliveryListener, Relay, RelayConfig};
 use crate::events::scanner::{self, ScannerConfig};
 use crate::notify::feed::ChangeFeed;
 use crate::notify::observed::{CommitObserver, ObservedRepository};
-use crate::notify::redis::RedisNotifier;
+use crate::notify::redis::{CacheCoherence, RedisNotifier};
 use crate::proto::huleedu::events::v1 as pe;
-use crate::store::{GroupCommitConfig, GroupCommitter, Store};
+use crate::store::{GroupCommitConfig, GroupCommitter, Store, StoreConfig};
 
 /// How long open requests and streams may run on after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -171,10 +172,13 @@ where
     let feed = ChangeFeed::new();
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![Arc::new(feed.clone())];
     if let Some(url) = &config.redis_url {
+        // The recorder first: the subscription may go live (status_cache_coherent) before /metrics is built.
+        let _ = api::metrics::prometheus_handle();
         let notifier = RedisNotifier::new(url.expose(), "")?;
         tasks.push(tokio::spawn({
             let (notifier, feed, stopped) = (notifier.clone(), feed.clone(), stopped());
-            async move { notifier.relay_changes(feed, stopped).await }
+            let coherence: Arc<dyn CacheCoherence> = Arc::new(store.clone());
+            async move { notifier.relay_changes(feed, coherence, stopped).await }
         }));
         let (publisher, publisher_task) = notifier.spawn_publisher(4096);
         tasks.push(publisher_task);
@@ -316,7 +320,11 @@ pub async fn open_store(config: &Config) -> Result<Store, AppError> {
     if let Some(dir) = sqlite_dir(config.database_url.expose()) {
         std::fs::create_dir_all(&dir).map_err(|source| AppError::DataDir { path: dir, source })?;
     }
-    let store = Store::connect(config.database_url.expose())
+    let store_config = StoreConfig {
+        status_cache_max_age: config.status_cache_max_age,
+        ..StoreConfig::default()
+    };
+    let store = Store::connect_with(config.database_url.expose(), store_config)
         .await?
         .with_encoder(Arc::new(ProtobufEffectEncoder));
     store.migrate().await?;
@@ -378,6 +386,26 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+    }
+}
+
+/// The Redis change subscription keeps the store's aggregate cache coherent with the other replicas (see
+/// `store::cache`); the store itself knows nothing of notify.
+/// `status_cache_coherent` (1 while status reads may skip the database) tells an operator, and the status bench,
+/// which mode a replica is in.
+impl CacheCoherence for Store {
+    fn live(&self) {
+        self.remote_live();
+        metrics::gauge!("status_cache_coherent").set(1.0);
+    }
+
+    fn lost(&self) {
+        self.remote_lost();
+        metrics::gauge!("status_cache_coherent").set(0.0);
+    }
+
+    fn changed(&self, batch_id: BatchId) {
+        self.remote_changed(batch_id);
     }
 }
 

@@ -20,6 +20,9 @@ pub const DEFAULT_PHASE_TIMEOUT_SECS: u64 = 3600;
 /// Default retention of published outbox rows and processed-event ids: a week.
 pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 const MAX_RETENTION_HOURS: u64 = 24 * 366;
+/// Default of `BOS_STATUS_CACHE_MAX_AGE_MS`; more than a minute is refused (it bounds staleness).
+pub const DEFAULT_STATUS_CACHE_MAX_AGE_MS: u64 = 1000;
+const MAX_STATUS_CACHE_MAX_AGE_MS: u64 = 60_000;
 /// Default Kafka consumer group.
 pub const DEFAULT_KAFKA_GROUP: &str = "bos";
 
@@ -113,6 +116,8 @@ pub struct ConfigLayer {
     pub phase_timeout_secs: Option<u64>,
     /// `BOS_RETENTION_HOURS`.
     pub retention_hours: Option<u64>,
+    /// `BOS_STATUS_CACHE_MAX_AGE_MS`.
+    pub status_cache_max_age_ms: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -160,6 +165,13 @@ impl ConfigLayer {
                     layer.retention_hours =
                         Some(whole_number("BOS_RETENTION_HOURS", "hours", &value)?);
                 }
+                "BOS_STATUS_CACHE_MAX_AGE_MS" => {
+                    layer.status_cache_max_age_ms = Some(whole_number(
+                        "BOS_STATUS_CACHE_MAX_AGE_MS",
+                        "milliseconds",
+                        &value,
+                    )?);
+                }
                 _ => {}
             }
         }
@@ -183,7 +195,8 @@ impl ConfigLayer {
             internal_api_key,
             bcs_url,
             phase_timeout_secs,
-            retention_hours
+            retention_hours,
+            status_cache_max_age_ms
         );
         self
     }
@@ -233,6 +246,9 @@ pub struct Config {
     /// How long published outbox rows and processed-event ids are kept (`BOS_RETENTION_HOURS`). The inbox
     /// deduplicates redeliveries only within this window, so it must outlast the longest redelivery.
     pub retention: Duration,
+    /// How long a status read may be answered from the aggregate cache without a query while the Redis change
+    /// subscription is live (`BOS_STATUS_CACHE_MAX_AGE_MS`; zero never, and never without Redis).
+    pub status_cache_max_age: Duration,
 }
 
 impl Config {
@@ -317,6 +333,16 @@ impl Config {
             ));
         }
 
+        let max_age_ms = layer
+            .status_cache_max_age_ms
+            .unwrap_or(DEFAULT_STATUS_CACHE_MAX_AGE_MS);
+        if max_age_ms > MAX_STATUS_CACHE_MAX_AGE_MS {
+            return Err(invalid(
+                "BOS_STATUS_CACHE_MAX_AGE_MS",
+                format!("{max_age_ms} is out of range 0..={MAX_STATUS_CACHE_MAX_AGE_MS}"),
+            ));
+        }
+
         Ok(Self {
             listen_addr,
             data_dir,
@@ -329,6 +355,7 @@ impl Config {
             bcs_url,
             phase_timeout: Duration::from_secs(secs),
             retention: Duration::from_secs(hours * 3600),
+            status_cache_max_age: Duration::from_millis(max_age_ms),
         })
     }
 
@@ -466,6 +493,7 @@ impl fmt::Debug for Config {
             .field("bcs_url", &self.bcs_url)
             .field("phase_timeout", &self.phase_timeout)
             .field("retention", &self.retention)
+            .field("status_cache_max_age", &self.status_cache_max_age)
             .finish()
     }
 }

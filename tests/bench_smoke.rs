@@ -70,3 +70,15 @@ fn the_generator_refuses_a_broker_off_loopback() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
+
+#[test]
+fn the_status_measure_refuses_a_redis_off_loopback() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bos"))
+        .args(["bench", "status", "--redis-url", "redis://10.1.2.3:6379"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run bos bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+}

@@ -16,7 +16,7 @@ use bos::core::registration::{validate, RawRegistration};
 use bos::events::scanner::{self, ScannerConfig};
 use bos::notify::feed::ChangeFeed;
 use bos::notify::observed::ObservedRepository;
-use bos::notify::redis::RedisNotifier;
+use bos::notify::redis::{NoCoherence, RedisNotifier};
 use bos::store::Store;
 use futures::StreamExt;
 use serde_json::Value;
@@ -217,11 +217,11 @@ async fn changes_fan_out_to_other_replicas_but_not_back() {
     let (stop, shutdown) = stop_switch();
     let a = {
         let (n, f, s) = (replica_a.clone(), feed_a.clone(), shutdown());
-        tokio::spawn(async move { n.relay_changes(f, s).await })
+        tokio::spawn(async move { n.relay_changes(f, Arc::new(NoCoherence), s).await })
     };
     let b = {
         let (n, f, s) = (replica_b.clone(), feed_b.clone(), shutdown());
-        tokio::spawn(async move { n.relay_changes(f, s).await })
+        tokio::spawn(async move { n.relay_changes(f, Arc::new(NoCoherence), s).await })
     };
     let mut seen_a = feed_a.subscribe();
     let mut seen_b = feed_b.subscribe();

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
+use super::auth_cache::{self, Verified, VerifiedTokens};
 use crate::config::{JwtKey, Secret};
 use crate::core::ids::{OrgId, UserId};
 
@@ -59,6 +60,8 @@ struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     org_id: Option<String>,
 }
 
@@ -67,6 +70,8 @@ pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
     internal_key: Option<Vec<u8>>,
+    /// Tokens that verified, so repeated calls with the same token skip the signature check.
+    verified: VerifiedTokens,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -110,6 +115,7 @@ impl Authenticator {
             key,
             validation,
             internal_key: internal_api_key.map(|k| k.expose().as_bytes().to_vec()),
+            verified: VerifiedTokens::new(auth_cache::DEFAULT_CAPACITY),
         })
     }
 
@@ -119,9 +125,14 @@ impl Authenticator {
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or("authorization must be 'Bearer <token>'")?;
-        let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.key, &self.validation)
-            .map_err(|e| {
+            .ok_or("authorization must be 'Bearer <token>'")?
+            .trim();
+        let now = unix_now();
+        if let Some(identity) = self.verified.get(token, now) {
+            return Ok(identity);
+        }
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
                 match e.kind() {
                     ErrorKind::ExpiredSignature => "token expired".to_owned(),
@@ -137,7 +148,16 @@ impl Authenticator {
             Some(raw) => Some(OrgId::parse("org_id", raw).map_err(|e| format!("token {e}"))?),
             None => None,
         };
-        Ok(Identity { user, org })
+        let identity = Identity { user, org };
+        self.verified.insert(
+            token,
+            Verified {
+                identity: identity.clone(),
+                exp: data.claims.exp,
+                nbf: data.claims.nbf,
+            },
+        );
+        Ok(identity)
     }
 
     /// Whether `presented` is the configured internal key. Without a configured key nothing passes.
@@ -165,14 +185,12 @@ pub fn mint_token(
     let org = org
         .map(|o| OrgId::parse("org", o).map_err(|e| AuthError::Claims(e.to_string())))
         .transpose()?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let claims = Claims {
         sub: user.to_string(),
         exp: now.saturating_add(ttl_secs),
         iat: Some(now),
+        nbf: None,
         org_id: org.map(|o| o.to_string()),
     };
     Ok(jsonwebtoken::encode(
@@ -180,6 +198,13 @@ pub fn mint_token(
         &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )?)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What a path requires.
@@ -353,6 +378,7 @@ mod tests {
                 sub: "alice".into(),
                 exp: now - 600,
                 iat: None,
+                nbf: None,
                 org_id: None,
             },
             &EncodingKey::from_secret(b"s3cret-s3cret-s3cret"),
@@ -364,6 +390,52 @@ mod tests {
         );
         assert!(authenticator().verify_bearer(None).is_err());
         assert!(authenticator().verify_bearer(Some("Basic abc")).is_err());
+    }
+
+    #[test]
+    fn a_cached_token_hits_but_a_token_with_one_byte_changed_is_verified_in_full() {
+        let auth = authenticator();
+        let jwt = JwtKey::Secret(Secret::new("s3cret-s3cret-s3cret"));
+        let token = mint_token(&jwt, "alice", None, 60).unwrap();
+        let bearer = format!("Bearer {token}");
+        assert!(auth.verify_bearer(Some(&bearer)).is_ok());
+        assert_eq!(auth.verified.len(), 1);
+        assert!(auth.verify_bearer(Some(&bearer)).is_ok());
+        assert_eq!(auth.verified.len(), 1);
+        // One byte of the signature changed, and one of the payload (the user claim).
+        let (rest, signature) = token.rsplit_once('.').unwrap();
+        let mid = signature.len() / 2;
+        let flipped = if &signature[mid..=mid] == "A" {
+            "B"
+        } else {
+            "A"
+        };
+        let forged = format!(
+            "{rest}.{}{flipped}{}",
+            &signature[..mid],
+            &signature[mid + 1..]
+        );
+        assert_eq!(
+            auth.verify_bearer(Some(&format!("Bearer {forged}"))),
+            Err("token signature is invalid".to_owned())
+        );
+        let mallory = mint_token(&jwt, "mallory", None, 60).unwrap();
+        let (_, mallory_payload, _) = split3(&mallory);
+        let (header, _, signature) = split3(&token);
+        let swapped = format!("{header}.{mallory_payload}.{signature}");
+        assert!(auth
+            .verify_bearer(Some(&format!("Bearer {swapped}")))
+            .is_err());
+        assert_eq!(auth.verified.len(), 1);
+    }
+
+    fn split3(token: &str) -> (&str, &str, &str) {
+        let mut parts = token.splitn(3, '.');
+        (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        )
     }
 
     #[test]

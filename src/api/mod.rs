@@ -1,6 +1,7 @@
 //! The API adapter: gRPC services, HTTP/JSON, health, metrics, all on one port.
 
 pub mod auth;
+pub mod auth_cache;
 pub mod batch_service;
 pub mod errors;
 pub mod health;

@@ -23,6 +23,9 @@ use crate::proto::huleedu::bos::v1::batch_service_client::BatchServiceClient;
 use crate::proto::huleedu::bos::v1::batch_service_server::{BatchService, BatchServiceServer};
 use crate::proto::huleedu::common::v1 as pc;
 
+/// The Redis `bos bench status` gives BOS unless told otherwise.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 /// Flags of `bos bench status`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
@@ -41,6 +44,10 @@ pub struct StatusArgs {
     /// Essays of the batch read.
     #[arg(long, default_value_t = 20)]
     pub essays: i32,
+    /// Redis of the BOS process (loopback only): the production configuration, in which status reads may be
+    /// answered from the coherent aggregate cache.
+    #[arg(long, default_value = DEFAULT_REDIS_URL)]
+    pub redis_url: String,
 }
 
 /// Flags of `bos bench register`.
@@ -155,8 +162,13 @@ pub async fn register(
 
 /// `bos bench status`.
 pub async fn status(common: &Common, args: &StatusArgs) -> Result<Vec<String>, BenchError> {
-    let stack = Stack::start(common).await?;
-    let result = status_on(&stack.bos, args).await;
+    stack::require_loopback_url(&args.redis_url)?;
+    let stack = Stack::start_with(common, &[("BOS_REDIS_URL", args.redis_url.clone())]).await?;
+    let result = async {
+        stack.bos.wait_redis_ok(Duration::from_secs(30)).await?;
+        status_on(&stack.bos, args).await
+    }
+    .await;
     stack.stop().await;
     result
 }

@@ -134,6 +134,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
                 seconds: 5,
                 max_calls: 2_000_000,
                 essays: 20,
+                redis_url: api::DEFAULT_REDIS_URL.to_owned(),
             }),
             Measure::Transitions(transitions::TransitionArgs {
                 batches: 600,

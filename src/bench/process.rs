@@ -61,14 +61,62 @@ impl BosProcess {
 
     /// Starts `bos serve` on a PostgreSQL database and a broker, and waits until `/healthz` answers.
     pub async fn start(database_url: &str, brokers: &str) -> Result<BosProcess, BenchError> {
+        Self::start_with(database_url, brokers, &[]).await
+    }
+
+    /// `start` with more settings (`extra`, e.g. `BOS_REDIS_URL`).
+    pub async fn start_with(
+        database_url: &str,
+        brokers: &str,
+        extra: &[(&str, String)],
+    ) -> Result<BosProcess, BenchError> {
         let group = format!("bos-bench-{}", uuid::Uuid::now_v7().simple());
-        let mut process = BosProcess::spawn(&[
+        let mut env = vec![
             ("BOS_DATABASE_URL", database_url.to_owned()),
             ("BOS_KAFKA_BROKERS", brokers.to_owned()),
             ("BOS_KAFKA_GROUP", group),
-        ])?;
+        ];
+        env.extend(extra.iter().cloned());
+        let mut process = BosProcess::spawn(&env)?;
         process.wait_healthy(Duration::from_secs(300)).await?;
         Ok(process)
+    }
+
+    /// Polls `/healthz` until it reports Redis `ok`, and `/metrics` until the change subscription is live
+    /// (`status_cache_coherent 1`): a measure of the production configuration must not start while BOS still
+    /// runs without it.
+    pub async fn wait_redis_ok(&self, within: Duration) -> Result<(), BenchError> {
+        let started = Instant::now();
+        let (health, metrics) = (
+            format!("http://{}/healthz", self.addr),
+            format!("http://{}/metrics", self.addr),
+        );
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let mut last = String::from("no answer");
+        while started.elapsed() < within {
+            if let Ok(response) = client.get(&health).send().await {
+                if let Ok(report) = response.json::<serde_json::Value>().await {
+                    last = format!("redis {}", report["checks"]["redis"]);
+                    if report["checks"]["redis"] == "ok" {
+                        let text = match client.get(&metrics).send().await {
+                            Ok(response) => response.text().await.unwrap_or_default(),
+                            Err(_) => String::new(),
+                        };
+                        if text.lines().any(|l| l.trim() == "status_cache_coherent 1") {
+                            return Ok(());
+                        }
+                        last = "redis ok, change subscription not live".to_owned();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(BenchError::Setup(format!(
+            "bos serve did not report redis ok within {within:?} (last: {last}); log {}",
+            self.log.display()
+        )))
     }
 
     /// Polls `/healthz` until it answers 200; returns how long that took from now.

@@ -44,6 +44,17 @@ pub fn require_loopback(list: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Refuses a `scheme://[user[:password]@]host[:port][/…]` URL whose host is not loopback.
+pub fn require_loopback_url(url: &str) -> Result<(), BenchError> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        return Err(BenchError::NotLoopback(url.to_owned()));
+    }
+    require_loopback(host)
+}
+
 /// A PostgreSQL database created for one run and dropped at its end.
 pub struct BenchDb {
     admin: DatabaseConnection,
@@ -72,9 +83,7 @@ impl BenchDb {
 
     /// Creates `bos_bench_<uuid>` on the server of `admin_url` (a loopback server).
     pub async fn create(admin_url: &str) -> Result<BenchDb, BenchError> {
-        let rest = admin_url.split_once("://").map_or(admin_url, |(_, r)| r);
-        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-        require_loopback(host.split('/').next().unwrap_or_default())?;
+        require_loopback_url(admin_url)?;
         let name = format!("bos_bench_{}", uuid::Uuid::now_v7().simple());
         let mut options = ConnectOptions::new(admin_url.to_owned());
         options.max_connections(1).sqlx_logging(false);
@@ -260,6 +269,14 @@ pub struct Stack {
 impl Stack {
     /// Starts the three, undoing what was started when a later one fails (no database is left behind).
     pub async fn start(common: &super::Common) -> Result<Stack, BenchError> {
+        Self::start_with(common, &[]).await
+    }
+
+    /// `start`, with more settings for `bos serve` (`extra`).
+    pub async fn start_with(
+        common: &super::Common,
+        extra: &[(&str, String)],
+    ) -> Result<Stack, BenchError> {
         let broker = Broker::start(&common.broker, common.partitions).await?;
         let db = match BenchDb::for_run(common).await {
             Ok(db) => db,
@@ -268,7 +285,7 @@ impl Stack {
                 return Err(e);
             }
         };
-        match BosProcess::start(&db.url, broker.bootstrap()).await {
+        match BosProcess::start_with(&db.url, broker.bootstrap(), extra).await {
             Ok(bos) => Ok(Stack { db, broker, bos }),
             Err(e) => {
                 db.drop_database().await;
@@ -346,6 +363,12 @@ mod tests {
         assert!(require_loopback("[::1]:9092").is_ok());
         assert!(require_loopback("10.0.0.5:9092").is_err());
         assert!(require_loopback("kafka.example.com:9092").is_err());
+        assert!(require_loopback_url("redis://127.0.0.1:6379").is_ok());
+        assert!(require_loopback_url("redis://:pw@localhost:6379/0").is_ok());
+        assert!(require_loopback_url("postgres://postgres@127.0.0.1:5432/postgres").is_ok());
+        assert!(require_loopback_url("redis://cache.example.com:6379").is_err());
+        assert!(require_loopback_url("redis://u:p@10.0.0.5/0").is_err());
+        assert!(require_loopback_url("redis://").is_err());
     }
 
     #[test]

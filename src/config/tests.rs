@@ -118,6 +118,7 @@ fn every_env_variable_reaches_its_setting() {
         ("BOS_BCS_URL", "https://bcs.example:443"),
         ("BOS_PHASE_TIMEOUT_SECS", "90"),
         ("BOS_RETENTION_HOURS", "48"),
+        ("BOS_STATUS_CACHE_MAX_AGE_MS", "250"),
     ]))
     .unwrap();
     assert_eq!(config.listen_addr, "0.0.0.0:9000".parse().unwrap());
@@ -140,6 +141,15 @@ fn every_env_variable_reaches_its_setting() {
     assert_eq!(config.bcs_url.as_deref(), Some("https://bcs.example:443"));
     assert_eq!(config.phase_timeout, Duration::from_secs(90));
     assert_eq!(config.retention, Duration::from_secs(48 * 3600));
+    assert_eq!(config.status_cache_max_age, Duration::from_millis(250));
+}
+
+#[test]
+fn status_cache_max_age_defaults_to_a_second_and_zero_turns_it_off() {
+    let config = Config::from_layer(env(&[])).unwrap();
+    assert_eq!(config.status_cache_max_age, Duration::from_secs(1));
+    let off = Config::from_layer(env(&[("BOS_STATUS_CACHE_MAX_AGE_MS", "0")])).unwrap();
+    assert_eq!(off.status_cache_max_age, Duration::ZERO);
 }
 
 fn error_of(pairs: &[(&str, &str)]) -> String {
@@ -173,6 +183,8 @@ fn invalid_values_are_rejected_with_the_setting_named() {
         ("BOS_BCS_URL", "not a url"),
         ("BOS_PHASE_TIMEOUT_SECS", "0"),
         ("BOS_PHASE_TIMEOUT_SECS", "ten"),
+        ("BOS_STATUS_CACHE_MAX_AGE_MS", "60001"),
+        ("BOS_STATUS_CACHE_MAX_AGE_MS", "-1"),
         ("BOS_PHASE_TIMEOUT_SECS", "99999999"),
         ("BOS_RETENTION_HOURS", "0"),
         ("BOS_RETENTION_HOURS", "a week"),

@@ -188,7 +188,7 @@ impl Orchestrator {
         let origin = checked(origin)?;
         let inbox = origin.inbox.clone();
         self.deduplicated(inbox.as_ref(), async {
-            let agg = self.batch_for(&actor, batch_id).await?;
+            let agg = self.checked_batch_for(&actor, batch_id).await?;
             if let Some(run) = agg.active_run() {
                 return Err(Rejection::RunActive { run_id: run.id }.into());
             }
@@ -218,7 +218,7 @@ impl Orchestrator {
         let origin = checked(origin)?;
         let inbox = origin.inbox.clone();
         self.deduplicated(inbox.as_ref(), async {
-            let agg = self.batch_for(&actor, batch_id).await?;
+            let agg = self.checked_batch_for(&actor, batch_id).await?;
             if let Some(run) = agg.active_run() {
                 return Err(Rejection::RunActive { run_id: run.id }.into());
             }
@@ -327,8 +327,21 @@ impl Orchestrator {
         self.apply(batch_id, input, inbox).await
     }
 
-    /// The batch as `actor` may see it: someone else's batch is NotFound.
+    /// The batch as `actor` may see it, for status reads (`BatchRepository::read`): someone else's batch is
+    /// NotFound.
     pub async fn batch_for(
+        &self,
+        actor: &Actor,
+        batch_id: BatchId,
+    ) -> Result<BatchAggregate, OrchestratorError> {
+        let agg = self.repo.read(batch_id).await?.ok_or(Rejection::NotFound)?;
+        check_owner(&agg.batch, actor)?;
+        Ok(agg)
+    }
+
+    /// Like `batch_for`, but version-checked: the state checks before a unit of work must not see a cached
+    /// state that trails another replica's commit.
+    async fn checked_batch_for(
         &self,
         actor: &Actor,
         batch_id: BatchId,

@@ -125,10 +125,20 @@ pub trait BatchRepository: Send + Sync {
         unit: UnitOfWork,
         now: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<Applied, RepositoryError>>;
+    /// The batch exactly as stored (version-checked): what a unit of work or a pre-check decides on.
     fn load<'a>(
         &'a self,
         batch_id: BatchId,
     ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>>;
+    /// The batch for a status read only: an adapter may answer from a cache kept coherent with every writer
+    /// without asking the database, so it may trail a commit of another process by a bounded moment. Never
+    /// decide on it.
+    fn read<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        self.load(batch_id)
+    }
     fn list_batches<'a>(
         &'a self,
         owner: &'a UserId,

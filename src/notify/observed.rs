@@ -51,6 +51,13 @@ impl<R: BatchRepository + ?Sized> BatchRepository for ObservedRepository<R> {
         self.inner.load(batch_id)
     }
 
+    fn read<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        self.inner.read(batch_id)
+    }
+
     fn list_batches<'a>(
         &'a self,
         owner: &'a UserId,

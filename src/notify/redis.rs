@@ -6,6 +6,7 @@
 //! counts the failure and the committed change stands.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -64,6 +65,27 @@ impl<'a> PhaseConcludedMessage<'a> {
             correlation_id: n.correlation_id.to_string(),
         }
     }
+}
+
+/// Told whether other replicas' changes reach this process, and which batch each one changed: the store's
+/// aggregate cache trusts entries only while they do (an adapter in `app`, so the store needs no notify types).
+pub trait CacheCoherence: Send + Sync {
+    /// Subscribed: every announcement published from now on will arrive.
+    fn live(&self);
+    /// The subscription dropped, failed or was shut down: announcements may be missed.
+    fn lost(&self);
+    /// Another replica committed a change of `batch_id`.
+    fn changed(&self, batch_id: BatchId);
+}
+
+/// For processes (and tests) with nothing to keep coherent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCoherence;
+
+impl CacheCoherence for NoCoherence {
+    fn live(&self) {}
+    fn lost(&self) {}
+    fn changed(&self, _batch_id: BatchId) {}
 }
 
 /// Publishes notifications and change announcements; cheap to clone.
@@ -151,15 +173,25 @@ impl RedisNotifier {
         }
     }
 
-    /// Feeds change announcements of other replicas into `feed` until `shutdown` resolves,
-    /// reconnecting with backoff while Redis is down.
-    pub async fn relay_changes(&self, feed: ChangeFeed, shutdown: impl Future<Output = ()>) {
+    /// Feeds change announcements of other replicas into `coherence` and then `feed` until `shutdown` resolves,
+    /// reconnecting with backoff while Redis is down. `coherence` hears `live` once subscribed and `lost` whenever
+    /// the subscription ends, so it never trusts a period in which announcements could have been missed.
+    pub async fn relay_changes(
+        &self,
+        feed: ChangeFeed,
+        coherence: Arc<dyn CacheCoherence>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut delay = Duration::from_millis(200);
         loop {
             tokio::select! {
-                () = &mut shutdown => return,
-                result = self.subscribe_once(&feed) => {
+                () = &mut shutdown => {
+                    coherence.lost();
+                    return;
+                }
+                result = self.subscribe_once(&feed, coherence.as_ref()) => {
+                    coherence.lost();
                     match result {
                         Ok(()) => delay = Duration::from_millis(200),
                         Err(e) => {
@@ -177,19 +209,28 @@ impl RedisNotifier {
         }
     }
 
-    async fn subscribe_once(&self, feed: &ChangeFeed) -> Result<(), NotifyError> {
+    async fn subscribe_once(
+        &self,
+        feed: &ChangeFeed,
+        coherence: &dyn CacheCoherence,
+    ) -> Result<(), NotifyError> {
         let mut pubsub = tokio::time::timeout(TIMEOUT, self.client.get_async_pubsub())
             .await
             .map_err(|_| NotifyError::Timeout(TIMEOUT))??;
         tokio::time::timeout(TIMEOUT, pubsub.subscribe(self.changes_channel()))
             .await
             .map_err(|_| NotifyError::Timeout(TIMEOUT))??;
+        // Redis has confirmed the subscription: every announcement from here on is delivered on this connection.
+        coherence.live();
+        tracing::info!("redis change subscription live");
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
             if let Some(batch_id) = self.remote_change(&payload) {
+                // The cache first, so a watcher woken by the feed re-reads the batch from the database.
+                coherence.changed(batch_id);
                 feed.publish(batch_id);
             }
         }

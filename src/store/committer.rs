@@ -163,6 +163,13 @@ impl BatchRepository for GroupCommitter {
         self.store.load(batch_id)
     }
 
+    fn read<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        self.store.read(batch_id)
+    }
+
     fn list_batches<'a>(
         &'a self,
         owner: &'a UserId,

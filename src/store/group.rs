@@ -70,6 +70,7 @@ impl Store {
         order: &[usize],
         now: DateTime<Utc>,
     ) -> Result<GroupResults, GroupAbort> {
+        let ticket = self.cache.ticket();
         let txn = self.begin_write().await?;
         let entries: Vec<&InboxEntry> = order
             .iter()
@@ -129,7 +130,7 @@ impl Store {
         self.faults.hit(FaultPoint::BeforeCommit)?;
         txn.commit().await?;
         for aggregate in written.into_values() {
-            self.cache.put(Arc::new(canonical(aggregate)));
+            self.cache.put(Arc::new(canonical(aggregate)), ticket);
         }
         self.faults.hit(FaultPoint::AfterCommit)?;
         results

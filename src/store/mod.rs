@@ -65,6 +65,9 @@ impl From<StoreError> for RepositoryError {
     }
 }
 
+/// `StoreConfig::status_cache_max_age` unless configured (`BOS_STATUS_CACHE_MAX_AGE_MS`).
+pub const DEFAULT_STATUS_CACHE_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// Tunables of the store; the defaults are what production uses.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -77,6 +80,10 @@ pub struct StoreConfig {
     pub max_connections: u32,
     /// Rows (batch, essays, results, phases) the aggregate cache may hold; 0 turns it off.
     pub aggregate_cache_rows: usize,
+    /// How long after it was verified a cached aggregate may answer a status read without a query, while the
+    /// coherence signal is live (`remote_live`); zero never skips the query. Bounds how far a status read can
+    /// trail another replica's commit whose announcement was lost without the subscription noticing.
+    pub status_cache_max_age: Duration,
 }
 
 impl Default for StoreConfig {
@@ -88,6 +95,7 @@ impl Default for StoreConfig {
             max_connections: 16,
             // About 4 MB: a few hundred small batches, or a handful of 1,000-essay ones.
             aggregate_cache_rows: 20_000,
+            status_cache_max_age: DEFAULT_STATUS_CACHE_MAX_AGE,
         }
     }
 }
@@ -218,6 +226,22 @@ impl Store {
         } else {
             self.db.begin().await
         }
+    }
+
+    /// The coherence signal is up: every other replica's commit will reach `remote_changed` from now on, so
+    /// status reads may be served from entries verified after this call (see `cache`).
+    pub fn remote_live(&self) {
+        self.cache.coherence_live();
+    }
+
+    /// The coherence signal is gone: every status read asks the database until it is live again.
+    pub fn remote_lost(&self) {
+        self.cache.coherence_lost();
+    }
+
+    /// Another replica committed a change of `batch_id`.
+    pub fn remote_changed(&self, batch_id: crate::core::ids::BatchId) {
+        self.cache.invalidate(batch_id);
     }
 
     async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {

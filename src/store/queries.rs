@@ -24,12 +24,15 @@ pub const DEFAULT_PAGE_SIZE: u32 = 20;
 pub const MAX_PAGE_SIZE: u32 = 100;
 
 /// Reads every row of one batch with its versions. With a cache, the batch row comes first and the rest only when
-/// the cache does not hold the batch at that row's version (one query instead of five).
+/// the cache does not hold the batch at that row's version (one query instead of five). Either way the entry counts
+/// as verified now (see `cache` for when that lets status reads skip the query).
 pub(crate) async fn load_in<C: ConnectionTrait>(
     conn: &C,
     batch_id: BatchId,
     cache: Option<&AggregateCache>,
 ) -> Result<Option<BatchAggregate>, StoreError> {
+    // Before the query: a remote change announced while it runs must keep its result from being trusted.
+    let ticket = cache.map(AggregateCache::ticket);
     let id = batch_id.as_uuid();
     let Some(batch) = batches::Entity::find_by_id(id).one(conn).await? else {
         return Ok(None);
@@ -38,6 +41,9 @@ pub(crate) async fn load_in<C: ConnectionTrait>(
         // The version says the rows are the cached ones; the batch row itself is checked too, so a row changed
         // behind the store's back without a version bump is read afresh rather than trusted.
         if mapping::batch_from_row(&batch).is_ok_and(|b| b == hit.batch) {
+            if let (Some(cache), Some(ticket)) = (cache, ticket) {
+                cache.refresh(batch_id, batch.version, ticket);
+            }
             return Ok(Some((*hit).clone()));
         }
     }
@@ -73,8 +79,8 @@ pub(crate) async fn load_in<C: ConnectionTrait>(
     // Ordered in Rust as well as in SQL, so a committed aggregate put in canonical order equals a load whatever
     // the database's collation.
     let aggregate = canonical(mapping::assemble(rows)?);
-    if let Some(cache) = cache {
-        cache.put(Arc::new(aggregate.clone()));
+    if let (Some(cache), Some(ticket)) = (cache, ticket) {
+        cache.put(Arc::new(aggregate.clone()), ticket);
     }
     Ok(Some(aggregate))
 }
@@ -104,6 +110,18 @@ impl Store {
         batch_id: BatchId,
     ) -> Result<Option<BatchAggregate>, StoreError> {
         load_in(&self.db, batch_id, Some(&self.cache)).await
+    }
+
+    /// A status read: the cached aggregate when it may be trusted without a query, else a version-checked load.
+    pub(crate) async fn read_aggregate(
+        &self,
+        batch_id: BatchId,
+    ) -> Result<Option<BatchAggregate>, StoreError> {
+        let max_age = self.config.status_cache_max_age;
+        if let Some(hit) = self.cache.trusted(batch_id, max_age) {
+            return Ok(Some((*hit).clone()));
+        }
+        self.load_aggregate(batch_id).await
     }
 
     pub(crate) async fn list_owned(

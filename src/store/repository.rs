@@ -114,6 +114,7 @@ impl Store {
         unit: &UnitOfWork,
         now: DateTime<Utc>,
     ) -> Result<Applied, AttemptError> {
+        let ticket = self.cache.ticket();
         let txn = self.begin_write().await?;
         if let Some(entry) = &unit.inbox {
             if !inbox::record(&txn, entry, now).await? {
@@ -136,7 +137,7 @@ impl Store {
         if written.changed {
             // What the database now holds, so the batch's next unit of work reads one row instead of five.
             self.cache
-                .put(Arc::new(canonical(written.aggregate.clone())));
+                .put(Arc::new(canonical(written.aggregate.clone())), ticket);
         }
         self.faults.hit(FaultPoint::AfterCommit)?;
         Ok(Applied::Changed {
@@ -533,6 +534,13 @@ impl BatchRepository for Store {
         batch_id: BatchId,
     ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
         Box::pin(async move { Ok(self.load_aggregate(batch_id).await?) })
+    }
+
+    fn read<'a>(
+        &'a self,
+        batch_id: BatchId,
+    ) -> BoxFuture<'a, Result<Option<BatchAggregate>, RepositoryError>> {
+        Box::pin(async move { Ok(self.read_aggregate(batch_id).await?) })
     }
 
     fn list_batches<'a>(
