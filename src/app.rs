@@ -29,7 +29,7 @@ use crate::events::handlers::EventHandler;
 use crate::events::relay::{DeliveryListener, Relay, RelayConfig};
 use crate::events::scanner::{self, ScannerConfig};
 use crate::notify::feed::ChangeFeed;
-use crate::notify::observed::{CommitObserver, ObservedRepository};
+use crate::notify::observed::CommitObserver;
 use crate::notify::redis::{CacheCoherence, RedisNotifier};
 use crate::proto::huleedu::events::v1 as pe;
 use crate::store::{GroupCommitConfig, GroupCommitter, Store, StoreConfig};
@@ -185,9 +185,11 @@ where
         observers.push(Arc::new(publisher));
     }
     // Units of work from every caller are committed in groups (one transaction, one WAL flush per group).
-    let committer = GroupCommitter::start(store.clone(), GroupCommitConfig::default());
-    let repository: Arc<dyn BatchRepository> =
-        Arc::new(ObservedRepository::new(Arc::new(committer), observers));
+    let repository: Arc<dyn BatchRepository> = Arc::new(GroupCommitter::start(
+        store.clone(),
+        GroupCommitConfig::default(),
+        observers,
+    ));
     let resolver: Arc<dyn PipelineResolver> = match &config.bcs_url {
         Some(url) => Arc::new(BcsClient::new(
             url,

@@ -179,6 +179,7 @@ async fn concurrent_callers_share_commits(db: &TestDb) {
             lanes: 1,
             max_units: 64,
         },
+        Vec::new(),
     ));
     let tasks: Vec<_> = batches
         .iter()
@@ -209,3 +210,68 @@ async fn concurrent_callers_share_commits(db: &TestDb) {
     assert_eq!(first.batch.version, 1);
 }
 on_both_backends!(shared_commits, concurrent_callers_share_commits);
+
+/// Records the batch versions it is told about, in the order it is told.
+#[derive(Default)]
+struct VersionLog(std::sync::Mutex<Vec<(bos::core::ids::BatchId, i64)>>);
+
+impl bos::core::ports::CommitObserver for VersionLog {
+    fn committed(&self, batch_id: bos::core::ids::BatchId, applied: &Applied) {
+        if let Applied::Changed { aggregate, .. } = applied {
+            self.0
+                .lock()
+                .unwrap()
+                .push((batch_id, aggregate.batch.version));
+        }
+    }
+}
+
+async fn observers_hear_each_batch_in_commit_order(db: &TestDb) {
+    let store = db.store().await;
+    let batches = registered(&store, 16).await;
+    let log = Arc::new(VersionLog::default());
+    let committer = Arc::new(GroupCommitter::start(
+        store.clone(),
+        GroupCommitConfig {
+            lanes: 2,
+            max_units: 64,
+        },
+        vec![log.clone()],
+    ));
+    // Two callers per batch at once (provisioning, then the associations it waits for); whichever order the lane
+    // commits them in, the observer must hear the versions of each batch rising.
+    let tasks: Vec<_> = batches
+        .iter()
+        .flat_map(|b| {
+            [
+                event_unit(b.batch.id, provisioned(b), new_event(), "provisioning"),
+                event_unit(b.batch.id, associations(b), new_event(), "matching"),
+            ]
+        })
+        .map(|unit| {
+            let committer = committer.clone();
+            tokio::spawn(async move { committer.apply(unit, Utc::now()).await })
+        })
+        .collect();
+    let mut changes = 0;
+    for task in tasks {
+        if let Ok(Applied::Changed { .. }) = task.await.unwrap() {
+            changes += 1;
+        }
+    }
+    let log = log.0.lock().unwrap().clone();
+    assert_eq!(log.len(), changes, "every committed change heard once");
+    for b in &batches {
+        let versions: Vec<i64> = log
+            .iter()
+            .filter(|(id, _)| *id == b.batch.id)
+            .map(|(_, v)| *v)
+            .collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "batch {} heard out of order: {versions:?}",
+            b.batch.id
+        );
+    }
+}
+on_both_backends!(observed_in_order, observers_hear_each_batch_in_commit_order);

@@ -80,6 +80,12 @@ pub enum Applied {
     Duplicate,
 }
 
+/// Told about each unit of work after it committed, in commit order for any one batch. Must not block: it runs on
+/// the committing task.
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, batch_id: BatchId, applied: &Applied);
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RepositoryError {
     #[error("rejected: {0}")]

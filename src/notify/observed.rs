@@ -11,10 +11,7 @@ use crate::core::ports::{
     Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
 };
 
-/// Told about each unit of work after it committed. Must not block: it runs on the committing task.
-pub trait CommitObserver: Send + Sync {
-    fn committed(&self, batch_id: BatchId, applied: &Applied);
-}
+pub use crate::core::ports::CommitObserver;
 
 /// Forwards to the inner repository and tells every observer about each committed unit of work.
 pub struct ObservedRepository<R: ?Sized> {

@@ -4,7 +4,8 @@
 //! commits a lone unit at once, and a busy one amortises its commit over everything that arrived meanwhile.
 //!
 //! A batch always maps to the same lane, so two groups of one replica never race for the same batch row; lanes
-//! run side by side on their own connections.
+//! run side by side on their own connections. The lane tells the commit observers about each committed unit before
+//! it answers the callers, so observers see a batch's states in commit order however the callers are scheduled.
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,8 @@ use super::Store;
 use crate::core::ids::{BatchId, EventId, UserId};
 use crate::core::model::BatchAggregate;
 use crate::core::ports::{
-    Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
+    Applied, BatchPage, BatchRepository, BoxFuture, CommitObserver, RepositoryError, TimedOutPhase,
+    UnitOfWork,
 };
 
 /// Tunables of the group committer.
@@ -68,14 +70,26 @@ pub struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    /// Starts the lanes on the current runtime; they stop when the committer is dropped.
-    pub fn start(store: Store, config: GroupCommitConfig) -> Self {
+    /// Starts the lanes on the current runtime; they stop when the committer is dropped. `observers` hear of every
+    /// committed unit.
+    pub fn start(
+        store: Store,
+        config: GroupCommitConfig,
+        observers: Vec<Arc<dyn CommitObserver>>,
+    ) -> Self {
+        let observers: Arc<[Arc<dyn CommitObserver>]> = observers.into();
         let max_units = config.max_units.max(1);
         let counters = Arc::new(Counters::default());
         let lanes = (0..config.lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(max_units * 4);
-                tokio::spawn(run_lane(store.clone(), rx, max_units, counters.clone()));
+                tokio::spawn(run_lane(
+                    store.clone(),
+                    rx,
+                    max_units,
+                    counters.clone(),
+                    observers.clone(),
+                ));
                 tx
             })
             .collect();
@@ -122,6 +136,7 @@ async fn run_lane(
     mut queue: mpsc::Receiver<Queued>,
     max_units: usize,
     counters: Arc<Counters>,
+    observers: Arc<[Arc<dyn CommitObserver>]>,
 ) {
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];
@@ -133,6 +148,7 @@ async fn run_lane(
         }
         // One clock reading for the group: units are decided in one transaction, at one moment.
         let now = group.iter().map(|q| q.now).max().unwrap_or_else(Utc::now);
+        let batch_ids: Vec<BatchId> = group.iter().map(|q| q.unit.batch_id).collect();
         let (units, replies): (Vec<_>, Vec<_>) =
             group.into_iter().map(|q| (q.unit, q.reply)).unzip();
         counters.groups.fetch_add(1, Ordering::Relaxed);
@@ -140,6 +156,13 @@ async fn run_lane(
             .units
             .fetch_add(units.len() as u64, Ordering::Relaxed);
         let results = store.apply_group(units, now).await;
+        for (batch_id, applied) in batch_ids.iter().zip(&results) {
+            if let Ok(applied) = applied {
+                for observer in observers.iter() {
+                    observer.committed(*batch_id, applied);
+                }
+            }
+        }
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have gone (cancelled); the unit stands either way.
             let _ = reply.send(result);
