@@ -26,7 +26,8 @@ use crate::core::ports::{
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
     /// Groups committing at once (each on its own connection). More lanes: smaller groups, shorter waits behind
-    /// a group in progress (`bos bench latency` at 1,000/s: p50 33 ms with 4, 16 ms with 8).
+    /// a group in progress (`bos bench latency` at 1,000/s: p50 33 ms with 4, 16 ms with 8, 14-17 ms and a worse p99 with 16,
+    /// whose extra commits cost more CPU than the shorter waits save).
     pub lanes: usize,
     /// Most units in one group.
     pub max_units: usize,
