@@ -25,9 +25,9 @@ use crate::core::ports::{
 /// Tunables of the group committer.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
-    /// Groups committing at once (each on its own connection). More lanes: smaller groups, shorter waits behind
-    /// a group in progress (`bos bench latency` at 1,000/s: p50 33 ms with 4, 16 ms with 8, 14-17 ms and a worse p99 with 16,
-    /// whose extra commits cost more CPU than the shorter waits save).
+    /// Groups committing at once (each on its own connection). More lanes: smaller groups, shorter waits behind a
+    /// group in progress (`bos bench latency` at 1,000/s: p50 33 ms with 4 lanes, 16 ms with 8; with 16, p50 14-17
+    /// ms and a worse p99, the extra commits costing more CPU than the shorter waits save).
     pub lanes: usize,
     /// Most units in one group.
     pub max_units: usize,
