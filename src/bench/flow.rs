@@ -161,16 +161,7 @@ async fn register_and_request(
     essays: i32,
     deadline: Instant,
 ) -> Result<String, tonic::Status> {
-    let registered = client
-        .register_batch(api::RegisterBatchRequest {
-            expected_essay_count: essays,
-            course_code: pc::CourseCode::Eng5 as i32,
-            student_prompt_ref: "prompt://bench".to_owned(),
-            assignment_id: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let registered = super::api::register(&mut client, essays).await?;
     loop {
         let requested = client
             .request_pipeline(api::RequestPipelineRequest {
