@@ -275,3 +275,38 @@ async fn observers_hear_each_batch_in_commit_order(db: &TestDb) {
     }
 }
 on_both_backends!(observed_in_order, observers_hear_each_batch_in_commit_order);
+
+async fn a_failure_after_the_commit_never_runs_the_units_again(db: &TestDb) {
+    let faults = Arc::new(FaultPlan::new());
+    let store = db.store().await.with_faults(faults.clone());
+    let batches = registered(&store, 3).await;
+    let outbox_before = outbox_len(&store).await;
+    // No inbox ids: only the group itself can keep these units from being applied twice.
+    let units: Vec<UnitOfWork> = batches
+        .iter()
+        .map(|b| unit(b.batch.id, provisioned(b)))
+        .collect();
+
+    faults.fail_times(FaultPoint::AfterCommit, 1);
+    let results = store.apply_group(units, Utc::now()).await;
+    for result in &results {
+        assert!(
+            matches!(result, Err(RepositoryError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+    for b in &batches {
+        let stored = store.load(b.batch.id).await.unwrap().unwrap();
+        assert_eq!(stored.batch.version, 1, "committed once");
+        assert_eq!(stored.batch.status, BatchStatus::AwaitingStudentValidation);
+    }
+    assert_eq!(
+        outbox_len(&store).await,
+        outbox_before + 3,
+        "one command each"
+    );
+}
+on_both_backends!(
+    after_commit,
+    a_failure_after_the_commit_never_runs_the_units_again
+);

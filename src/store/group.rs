@@ -132,15 +132,21 @@ impl Store {
         for aggregate in written.into_values() {
             self.cache.put(Arc::new(canonical(aggregate)), ticket);
         }
-        self.faults.hit(FaultPoint::AfterCommit)?;
-        results
+        // Committed: from here on nothing may send the units round again, so a failure is each unit's answer.
+        if let Err(fault) = self.faults.hit(FaultPoint::AfterCommit) {
+            let unavailable = RepositoryError::from(super::StoreError::Fault(fault));
+            return Ok(vec![Err(unavailable); units.len()]);
+        }
+        Ok(results
             .into_iter()
             .map(|r| {
-                r.ok_or(GroupAbort::Store(
-                    "a unit of the group has no result".to_owned(),
-                ))
+                r.unwrap_or_else(|| {
+                    Err(RepositoryError::Corrupt(
+                        "a unit of the group has no result".to_owned(),
+                    ))
+                })
             })
-            .collect()
+            .collect())
     }
 }
 
