@@ -3,9 +3,9 @@
 //!
 //! Every unit keeps its own meaning: it is decided in order against the state the transaction sees (including the
 //! earlier units of the group), a duplicate event id is a no-op, a rejected unit leaves no row behind (its inbox row
-//! is deleted before the commit). Only when the group as a whole cannot commit — a compare-and-set lost to another
+//! is deleted before the commit). Only when the group cannot get to its COMMIT — a compare-and-set lost to another
 //! replica, a database error — is it rolled back and every unit run alone, with its own retries and its own
-//! result, exactly as `apply_unit` would have run it.
+//! result, exactly as `apply_unit` would have run it. From the COMMIT on, every unit gets the group's answer.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -128,7 +128,12 @@ impl Store {
         }
         insert_messages(&txn, messages, now).await?;
         self.faults.hit(FaultPoint::BeforeCommit)?;
-        txn.commit().await?;
+        // A failed COMMIT may still have committed: like a lone unit's, its callers hear that the store is
+        // unavailable (an event is redelivered and deduplicated by its inbox row), it is not run again here.
+        if let Err(e) = txn.commit().await {
+            let unavailable = RepositoryError::from(super::StoreError::Database(e));
+            return Ok(vec![Err(unavailable); units.len()]);
+        }
         for aggregate in written.into_values() {
             self.cache.put(Arc::new(canonical(aggregate)), ticket);
         }
