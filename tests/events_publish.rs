@@ -8,21 +8,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bos::core::graph::BuiltinResolver;
 use bos::core::ids::PhaseName;
 use bos::core::input::Actor;
 use bos::core::model::PhaseStatus;
-use bos::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use bos::core::ports::{Applied, BatchRepository};
 use bos::events::relay::DeliveryListener;
-use bos::notify::feed::ChangeFeed;
-use bos::notify::observed::ObservedRepository;
 use bos::proto::huleedu::events::v1::EventEnvelope;
 use prost::Message as _;
 use support::fixtures;
 use support::kafka::{ReadRecord, PARTITIONS};
 use support::relay::*;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -215,35 +210,12 @@ async fn two_relays_publish_every_row_exactly_once_in_order_per_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_wakes_the_relay_without_waiting_for_its_poll() {
     let env = env().await;
-    let mut config = relay_config();
-    // Only a wake-up can explain a publish within the test's deadline.
-    config.poll_interval = Duration::from_secs(120);
-    let (stop, task, handle) = spawn_relay_with(
-        env.store.clone(),
-        env.broker.bootstrap_servers(),
-        None,
-        config,
-    );
-    let feed = ChangeFeed::new();
-    let (stop_wake, mut wake_stopped) = watch::channel(false);
-    let waker = tokio::spawn(handle.wake_on_changes(feed.clone(), async move {
-        let _ = wake_stopped.wait_for(|s| *s).await;
-    }));
-    let orchestrator = Orchestrator::new(
-        Arc::new(ObservedRepository::new(
-            Arc::new(env.store.clone()),
-            vec![Arc::new(feed)],
-        )),
-        Arc::new(BuiltinResolver::default()),
-        Arc::new(SystemClock),
-        Arc::new(UuidV7Generator),
-    );
-    // Let the relay's first (empty) round pass, so it is asleep in its long poll.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let relay = WokenRelay::start(&env).await;
+    let orchestrator = &relay.orchestrator;
 
     for i in 0..3 {
         let started = Instant::now();
-        register(&orchestrator, &format!("prompt-{i}")).await;
+        register(orchestrator, &format!("prompt-{i}")).await;
         wait_drained(&env.store, Duration::from_secs(5)).await;
         assert!(
             started.elapsed() < Duration::from_secs(3),
@@ -251,8 +223,5 @@ async fn a_commit_wakes_the_relay_without_waiting_for_its_poll() {
             started.elapsed()
         );
     }
-    let _ = stop_wake.send(true);
-    let _ = stop.send(true);
-    waker.await.unwrap();
-    task.await.unwrap();
+    relay.stop().await;
 }

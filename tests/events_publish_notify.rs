@@ -15,7 +15,6 @@ use bos::core::ports::{BatchRepository, PipelineResolver};
 use bos::core::registration::{validate, RawRegistration};
 use bos::events::scanner::{self, ScannerConfig};
 use bos::notify::feed::ChangeFeed;
-use bos::notify::observed::ObservedRepository;
 use bos::notify::redis::{NoCoherence, RedisNotifier};
 use bos::store::Store;
 use futures::StreamExt;
@@ -164,10 +163,7 @@ async fn phase_outcome_notifies_the_owner_channel() {
     let notifier = RedisNotifier::new(REDIS_URL, prefix.clone()).unwrap();
     let channel = notifier.user_channel("notified-owner");
     let (publisher, _task) = notifier.spawn_publisher(64);
-    let repo = Arc::new(ObservedRepository::new(
-        Arc::new(store.clone()),
-        vec![Arc::new(publisher)],
-    ));
+    let repo = support::committer(&store, vec![Arc::new(publisher)]);
     let orch = orchestrator(repo);
     let batch_id = dispatched_spellcheck(&orch, &store, "notified-owner").await;
 
@@ -265,10 +261,7 @@ async fn redis_down_never_fails_or_delays_the_unit_of_work() {
         .await
         .is_err());
     let (publisher, _task) = notifier.spawn_publisher(4);
-    let orch = orchestrator(Arc::new(ObservedRepository::new(
-        Arc::new(store.clone()),
-        vec![Arc::new(publisher)],
-    )));
+    let orch = orchestrator(support::committer(&store, vec![Arc::new(publisher)]));
     let started = Instant::now();
     // Several units, more notifications than the queue holds: all commit, none waits for Redis.
     for i in 0..3 {

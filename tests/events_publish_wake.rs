@@ -3,21 +3,15 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bos::core::effect::Effect;
-use bos::core::graph::BuiltinResolver;
 use bos::core::ids::{Attempt, PhaseName};
 use bos::core::input::{Actor, Input};
-use bos::core::orchestrator::{Orchestrator, SystemClock, UuidV7Generator};
 use bos::core::ports::{Applied, BatchRepository};
-use bos::notify::feed::ChangeFeed;
-use bos::notify::observed::ObservedRepository;
 use support::fixtures;
 use support::kafka::PARTITIONS;
 use support::relay::*;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 async fn unpublished(env: &Env) -> usize {
@@ -31,34 +25,11 @@ async fn unpublished(env: &Env) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_changes_that_wrote_outbox_rows_wake_the_relay() {
     let env = env().await;
-    let mut config = relay_config();
-    // Only a wake-up can explain a publish within the test's deadlines.
-    config.poll_interval = Duration::from_secs(120);
-    let (stop, task, handle) = spawn_relay_with(
-        env.store.clone(),
-        env.broker.bootstrap_servers(),
-        None,
-        config,
-    );
-    let feed = ChangeFeed::new();
-    let (stop_wake, mut wake_stopped) = watch::channel(false);
-    let waker = tokio::spawn(handle.wake_on_changes(feed.clone(), async move {
-        let _ = wake_stopped.wait_for(|s| *s).await;
-    }));
-    let orchestrator = Orchestrator::new(
-        Arc::new(ObservedRepository::new(
-            Arc::new(env.store.clone()),
-            vec![Arc::new(feed)],
-        )),
-        Arc::new(BuiltinResolver::default()),
-        Arc::new(SystemClock),
-        Arc::new(UuidV7Generator),
-    );
-    // Let the relay's first (empty) round pass, so it is asleep in its long poll.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let relay = WokenRelay::start(&env).await;
+    let orchestrator = &relay.orchestrator;
 
     // A GUEST batch up to a dispatched spellcheck: every step writes rows, and each wakes the relay.
-    let batch_id = register(&orchestrator, "alice").await;
+    let batch_id = register(orchestrator, "alice").await;
     let agg = env.store.load(batch_id).await.unwrap().unwrap();
     orchestrator
         .handle(batch_id, fixtures::provisioned(&agg), None)
@@ -99,7 +70,7 @@ async fn only_changes_that_wrote_outbox_rows_wake_the_relay() {
 
     // The next change that writes rows wakes it; the waiting row goes out with them.
     let started = Instant::now();
-    register(&orchestrator, "bob").await;
+    register(orchestrator, "bob").await;
     wait_drained(&env.store, Duration::from_secs(5)).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -108,8 +79,5 @@ async fn only_changes_that_wrote_outbox_rows_wake_the_relay() {
     );
     assert_eq!(unpublished(&env).await, 0);
 
-    let _ = stop_wake.send(true);
-    let _ = stop.send(true);
-    waker.await.unwrap();
-    task.await.unwrap();
+    relay.stop().await;
 }

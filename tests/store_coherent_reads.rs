@@ -11,7 +11,6 @@ use bos::core::ids::BatchId;
 use bos::core::model::BatchAggregate;
 use bos::core::ports::{Applied, BatchRepository};
 use bos::notify::feed::ChangeFeed;
-use bos::notify::observed::ObservedRepository;
 use bos::notify::redis::{CacheCoherence, RedisNotifier};
 use bos::store::{Store, StoreConfig};
 use chrono::Utc;
@@ -198,7 +197,7 @@ async fn another_replicas_commit_reaches_a_trusted_read_through_redis() {
         tokio::spawn(async move { n.relay_changes(f, coherence, s).await })
     };
     let (publisher_b, _publishing) = notifier_b.clone().spawn_publisher(64);
-    let replica_b = ObservedRepository::new(Arc::new(b.clone()), vec![Arc::new(publisher_b)]);
+    let replica_b = support::committer(&b, vec![Arc::new(publisher_b)]);
 
     // A's subscription starts asynchronously: announce until A hears one (it is live from then on).
     let probe = BatchId::from_uuid(Uuid::now_v7());

@@ -5,11 +5,10 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::observed::CommitObserver;
 use crate::core::effect::Effect;
 use crate::core::ids::BatchId;
 use crate::core::model::BatchAggregate;
-use crate::core::ports::Applied;
+use crate::core::ports::{Applied, CommitObserver};
 
 /// How many announcements a slow subscriber may fall behind before it is told it lagged (it then re-reads).
 const CAPACITY: usize = 1024;

@@ -1,6 +1,5 @@
-//! Real-time updates: the in-process change feed (WatchBatch), Redis pub/sub (owner notifications, other
-//! replicas' changes), and the repository decorator that tells them about each commit.
+//! Real-time updates: the in-process change feed (WatchBatch) and Redis pub/sub (owner notifications, other
+//! replicas' changes). Both are `CommitObserver`s, told about each commit by the group committer.
 
 pub mod feed;
-pub mod observed;
 pub mod redis;

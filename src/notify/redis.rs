@@ -17,10 +17,9 @@ use uuid::Uuid;
 use tokio::sync::mpsc;
 
 use super::feed::ChangeFeed;
-use super::observed::CommitObserver;
 use crate::core::effect::{Effect, Notification};
 use crate::core::ids::BatchId;
-use crate::core::ports::Applied;
+use crate::core::ports::{Applied, CommitObserver};
 
 /// Channel carrying the ids of changed batches between replicas.
 pub const CHANGES_CHANNEL: &str = "bos:batch-changes";

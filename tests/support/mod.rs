@@ -17,7 +17,11 @@ use std::sync::Arc;
 
 use bos::core::effect::OutboundEvent;
 use bos::core::ids::EventId;
-use bos::store::{EffectEncoder, EncodeError, OutboxMessage, Store, StoreConfig};
+use bos::core::ports::CommitObserver;
+use bos::store::{
+    EffectEncoder, EncodeError, GroupCommitConfig, GroupCommitter, OutboxMessage, Store,
+    StoreConfig,
+};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database};
 use uuid::Uuid;
@@ -178,6 +182,15 @@ impl EffectEncoder for TestEncoder {
             headers,
         })
     }
+}
+
+/// The repository `bos serve` runs on: `store` behind the group committer, telling `observers` about each commit.
+pub fn committer(store: &Store, observers: Vec<Arc<dyn CommitObserver>>) -> Arc<GroupCommitter> {
+    Arc::new(GroupCommitter::start(
+        store.clone(),
+        GroupCommitConfig::default(),
+        observers,
+    ))
 }
 
 /// Runs an async test body once per backend, each on its own fresh database.

@@ -12,6 +12,7 @@ use bos::core::registration::{validate, RawRegistration};
 use bos::events::broker::{BrokerOptions, EmbeddedBroker};
 use bos::events::codec::ProtobufEffectEncoder;
 use bos::events::relay::{DeliveryListener, Relay, RelayConfig, RelayHandle};
+use bos::notify::feed::ChangeFeed;
 use bos::store::entities::event_outbox;
 use bos::store::{OutboxPolicy, OutboxStats, Store, StoreConfig};
 use chrono::Utc;
@@ -125,6 +126,56 @@ pub fn spawn_relay_with(
         let _ = stopped.wait_for(|s| *s).await;
     }));
     (stop, task, handle)
+}
+
+/// A relay whose safety poll (120 s) never runs within a test, woken only through a change feed, and an
+/// orchestrator whose commits reach that feed: only a wake-up can explain a publish within a test's deadlines.
+pub struct WokenRelay {
+    pub orchestrator: Orchestrator,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    stop_wake: watch::Sender<bool>,
+    waker: tokio::task::JoinHandle<()>,
+}
+
+impl WokenRelay {
+    /// Starts it and lets the relay's first (empty) round pass, so that it is asleep in its long poll.
+    pub async fn start(env: &Env) -> WokenRelay {
+        let mut config = relay_config();
+        config.poll_interval = Duration::from_secs(120);
+        let (stop, task, handle) = spawn_relay_with(
+            env.store.clone(),
+            env.broker.bootstrap_servers(),
+            None,
+            config,
+        );
+        let feed = ChangeFeed::new();
+        let (stop_wake, mut wake_stopped) = watch::channel(false);
+        let waker = tokio::spawn(handle.wake_on_changes(feed.clone(), async move {
+            let _ = wake_stopped.wait_for(|s| *s).await;
+        }));
+        let orchestrator = Orchestrator::new(
+            super::committer(&env.store, vec![Arc::new(feed)]),
+            Arc::new(BuiltinResolver::default()),
+            Arc::new(SystemClock),
+            Arc::new(UuidV7Generator),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        WokenRelay {
+            orchestrator,
+            stop,
+            task,
+            stop_wake,
+            waker,
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop_wake.send(true);
+        let _ = self.stop.send(true);
+        self.waker.await.unwrap();
+        self.task.await.unwrap();
+    }
 }
 
 /// Waits until no row is pending (published or parked).
