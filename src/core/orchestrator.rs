@@ -334,9 +334,7 @@ impl Orchestrator {
         actor: &Actor,
         batch_id: BatchId,
     ) -> Result<BatchAggregate, OrchestratorError> {
-        let agg = self.repo.read(batch_id).await?.ok_or(Rejection::NotFound)?;
-        check_owner(&agg.batch, actor)?;
-        Ok(agg)
+        owned_by(self.repo.read(batch_id).await?, actor)
     }
 
     /// Like `batch_for`, but version-checked: the state checks before a unit of work must not see a cached
@@ -346,9 +344,7 @@ impl Orchestrator {
         actor: &Actor,
         batch_id: BatchId,
     ) -> Result<BatchAggregate, OrchestratorError> {
-        let agg = self.repo.load(batch_id).await?.ok_or(Rejection::NotFound)?;
-        check_owner(&agg.batch, actor)?;
-        Ok(agg)
+        owned_by(self.repo.load(batch_id).await?, actor)
     }
 
     /// Fails every phase dispatched more than `timeout` ago (at most `limit` of them); returns how many failed. A
@@ -398,6 +394,16 @@ impl Orchestrator {
 }
 
 /// The origin with its prompt reference checked (a bad one is INVALID_ARGUMENT naming `prompt_ref`).
+/// The batch if it exists and `actor` may see it: someone else's batch is NotFound.
+fn owned_by(
+    agg: Option<BatchAggregate>,
+    actor: &Actor,
+) -> Result<BatchAggregate, OrchestratorError> {
+    let agg = agg.ok_or(Rejection::NotFound)?;
+    check_owner(&agg.batch, actor)?;
+    Ok(agg)
+}
+
 fn checked(origin: RequestOrigin) -> Result<RequestOrigin, OrchestratorError> {
     let prompt_ref = registration::prompt_ref(origin.prompt_ref).map_err(Rejection::Invalid)?;
     Ok(RequestOrigin {
