@@ -197,19 +197,12 @@ impl AggregateCache {
         }
     }
 
-    /// The coherence signal is up: changes of other replicas reach `invalidate` from now on. Entries verified
-    /// before are not trusted until verified again.
-    pub(crate) fn coherence_live(&self) {
+    /// The coherence signal went up (`live`: changes of other replicas reach `invalidate` from now on) or down
+    /// (nothing is trusted until it is live again). Either way, entries verified before are not trusted until
+    /// verified again.
+    pub(crate) fn set_coherence(&self, live: bool) {
         let mut inner = self.lock();
-        inner.live = true;
-        inner.epoch += 1;
-        inner.generation += 1;
-    }
-
-    /// The coherence signal is gone: nothing is trusted until it is live again and entries are re-verified.
-    pub(crate) fn coherence_lost(&self) {
-        let mut inner = self.lock();
-        inner.live = false;
+        inner.live = live;
         inner.epoch += 1;
         inner.generation += 1;
     }
@@ -271,7 +264,7 @@ mod tests {
 
     fn live_cache() -> AggregateCache {
         let cache = AggregateCache::new(1000);
-        cache.coherence_live();
+        cache.set_coherence(true);
         cache
     }
 
@@ -333,7 +326,7 @@ mod tests {
         assert!(cache.get(a.batch.id, a.batch.version).is_some());
         assert!(cache.trusted(a.batch.id, AGE).is_none());
         // Going live does not bless what was verified before.
-        cache.coherence_live();
+        cache.set_coherence(true);
         assert!(cache.trusted(a.batch.id, AGE).is_none());
         cache.refresh(a.batch.id, a.batch.version, cache.ticket());
         assert_eq!(cache.trusted(a.batch.id, AGE).as_deref(), Some(&a));
@@ -378,9 +371,9 @@ mod tests {
         let a = registered_aggregate(1);
         cache.put(Arc::new(a.clone()), cache.ticket());
         let in_flight = cache.ticket();
-        cache.coherence_lost();
+        cache.set_coherence(false);
         assert!(cache.trusted(a.batch.id, AGE).is_none());
-        cache.coherence_live();
+        cache.set_coherence(true);
         assert!(cache.trusted(a.batch.id, AGE).is_none());
         // A read that started before the loss earns nothing either.
         cache.refresh(a.batch.id, a.batch.version, in_flight);

@@ -233,12 +233,12 @@ impl Store {
     /// The coherence signal is up: every other replica's commit will reach `remote_changed` from now on, so
     /// status reads may be served from entries verified after this call (see `cache`).
     pub fn remote_live(&self) {
-        self.cache.coherence_live();
+        self.cache.set_coherence(true);
     }
 
     /// The coherence signal is gone: every status read asks the database until it is live again.
     pub fn remote_lost(&self) {
-        self.cache.coherence_lost();
+        self.cache.set_coherence(false);
     }
 
     /// Another replica committed a change of `batch_id`.
