@@ -13,7 +13,8 @@ use bos::proto::huleedu::common::v1 as pc;
 use bos::proto::huleedu::events::v1 as pe;
 use bos::sim::{Behaviour, SimulatorOptions};
 use stack::{
-    client, command_topics, commands_by_key, is_ready, runs_ended, BosProcess, StackEnv, Tansu,
+    client, command_topics, commands_by_key, is_ready, runs_ended, try_client, BosProcess,
+    StackEnv, Tansu,
 };
 use support::kafka::{TestProducer, TopicReader};
 use support::TestDb;
@@ -112,9 +113,11 @@ async fn crash_and_recover(point: &str, after: u64) {
                 }
             }
         }
-        let Ok(mut api) =
-            tokio::time::timeout(Duration::from_secs(2), client(&bos, "crash-teacher")).await
+        // The process may abort at its crash point while this connects: the next round restarts it.
+        let Ok(Ok(mut api)) =
+            tokio::time::timeout(Duration::from_secs(2), try_client(&bos, "crash-teacher")).await
         else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let mut all_ended = true;

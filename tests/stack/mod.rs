@@ -243,15 +243,23 @@ impl tonic::service::Interceptor for Bearer {
 
 /// A gRPC client of one process acting as `user`.
 pub async fn client(process: &BosProcess, user: &str) -> Client {
+    try_client(process, user).await.expect("connect")
+}
+
+/// As `client`, but a refused or reset connection is the caller's to handle: a process that is meant to crash
+/// may die while the client connects.
+pub async fn try_client(
+    process: &BosProcess,
+    user: &str,
+) -> Result<Client, tonic::transport::Error> {
     let jwt = bos::config::JwtKey::Secret(bos::config::Secret::new(JWT_SECRET));
     let token = bos::api::auth::mint_token(&jwt, user, None, 3600).expect("mint a token");
     let channel = Channel::from_shared(process.url())
         .expect("url")
         .connect()
-        .await
-        .expect("connect");
+        .await?;
     let bearer = Bearer(format!("Bearer {token}").parse().expect("header"));
-    BatchServiceClient::with_interceptor(channel, bearer)
+    Ok(BatchServiceClient::with_interceptor(channel, bearer))
 }
 
 pub async fn register(
