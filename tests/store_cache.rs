@@ -115,3 +115,59 @@ async fn other_writers_are_seen(db: &TestDb) {
     assert_eq!(reread.batch.version, next.batch.version + 1);
 }
 on_both_backends!(cache_other_writers, other_writers_are_seen);
+
+/// A unit decides from the newest cached aggregate without reading the batch row first; when another replica has
+/// moved the batch on, the guess is refuted (by the batch row's compare-and-set, or by the check a rejection gets)
+/// and the unit is decided again on what the database holds.
+async fn stale_guesses_are_decided_again(db: &TestDb) {
+    let a = db.store().await;
+    let b = db.store().await;
+    let fresh = uncached(db).await;
+    let new = new_batch("teacher-1", 3, false);
+    let (registered, _) = changed(a.apply(register(&new), Utc::now()).await.unwrap());
+    let id = registered.batch.id;
+
+    // `a` still holds version 0, where a pipeline request is refused (content not provisioned): the refusal is
+    // checked against the stored row, and the request decided again on `b`'s state.
+    let (ready, _) = changed(
+        b.apply(unit(id, provisioned(&registered)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    let (running, effects) = changed(
+        a.apply(unit(id, request(&ready, PhaseName::Spellcheck)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(running.batch.version, ready.batch.version + 1);
+    assert_eq!(running.batch.status, BatchStatus::ProcessingPipelines);
+    let spellcheck = commands(&effects)
+        .first()
+        .map(|c| (*c).clone())
+        .expect("a spellcheck command");
+
+    // `b` applies the outcome; `a`, still at the dispatching version, gets the same outcome again: its guess
+    // would complete spellcheck a second time, the batch row's compare-and-set refuses it, and deciding again on
+    // `b`'s state must not write anything over it.
+    let (completed, _) = changed(
+        b.apply(unit(id, success_for(&spellcheck)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    let again = a
+        .apply(unit(id, success_for(&spellcheck)), Utc::now())
+        .await;
+    if let Ok(Applied::Changed { effects, .. }) = &again {
+        assert!(
+            effects.is_empty(),
+            "a repeated outcome published {effects:?}"
+        );
+    }
+    let stored = fresh.load(id).await.unwrap().expect("stored batch");
+    assert_eq!(
+        stored, completed,
+        "the stale guess wrote over another replica's change"
+    );
+    assert_eq!(a.load(id).await.unwrap().expect("a's view"), completed);
+}
+on_both_backends!(cache_stale_guesses, stale_guesses_are_decided_again);

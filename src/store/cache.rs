@@ -1,7 +1,9 @@
 //! The aggregate cache: the last aggregate this process read or committed for a batch, keyed by the batch row's
 //! version. Every change of a batch compare-and-sets its batch row (see `repository`), so an aggregate whose
-//! version equals the stored one is the stored aggregate: a unit of work or a status read then needs one query
-//! (the batch row) instead of five. Another replica's commit changes the version, so a stale entry is never used.
+//! version equals the stored one is the stored aggregate: a status read then needs one query (the batch row)
+//! instead of five, and a unit of work none when its compare-and-set proves the newest entry. Another replica's
+//! commit changes the version, so a stale entry is never used: a read sees the version differ, a unit's
+//! compare-and-set loses.
 //!
 //! Status reads may skip even that query ("trusted" entries), but only while another replica's commit is sure to
 //! reach this process: the coherence signal (the Redis change subscription) is live, it has been live since
@@ -114,6 +116,16 @@ impl AggregateCache {
         let inner = self.lock();
         let entry = inner.entries.get(&batch_id)?;
         (entry.aggregate.batch.version == version).then(|| Arc::clone(&entry.aggregate))
+    }
+
+    /// The newest cached aggregate of `batch_id`, at whatever version: a guess for a unit of work, which its
+    /// compare-and-set proves or refutes.
+    pub(crate) fn newest(&self, batch_id: BatchId) -> Option<Arc<BatchAggregate>> {
+        let inner = self.lock();
+        inner
+            .entries
+            .get(&batch_id)
+            .map(|e| Arc::clone(&e.aggregate))
     }
 
     /// The cached aggregate of `batch_id` if it may be served without asking the database (see the module doc).

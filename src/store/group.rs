@@ -20,7 +20,7 @@ use super::entities::processed_events;
 use super::faults::FaultPoint;
 use super::outbox::insert_messages;
 use super::repository::AttemptError;
-use super::{queries, Store};
+use super::Store;
 use crate::core::ids::BatchId;
 use crate::core::model::BatchAggregate;
 use crate::core::ports::{Applied, InboxEntry, RepositoryError, UnitOfWork};
@@ -94,11 +94,14 @@ impl Store {
                     continue;
                 }
             }
-            let old = match written.get(&unit.batch_id) {
-                Some(aggregate) => Some(aggregate.clone()),
-                None => queries::load_in(&txn, unit.batch_id, Some(&self.cache)).await?,
+            let outcome = match written.get(&unit.batch_id) {
+                Some(aggregate) => {
+                    self.decide_and_write(&txn, Some(aggregate), unit, now)
+                        .await
+                }
+                None => self.decide_from_newest(&txn, unit, now).await,
             };
-            match self.decide_and_write(&txn, old.as_ref(), unit, now).await {
+            match outcome {
                 Ok(unit_written) => {
                     messages.extend(unit_written.messages);
                     if unit_written.changed {
@@ -116,7 +119,9 @@ impl Store {
                     }
                     results[i] = Some(Err(RepositoryError::Rejected(rejection)));
                 }
-                Err(AttemptError::Conflict) => return Err(GroupAbort::Conflict),
+                Err(AttemptError::Conflict | AttemptError::StaleBatch) => {
+                    return Err(GroupAbort::Conflict)
+                }
                 Err(AttemptError::Store(e)) => return Err(GroupAbort::Store(e.to_string())),
             }
         }

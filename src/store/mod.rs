@@ -6,6 +6,7 @@
 
 mod cache;
 pub mod committer;
+mod diff;
 pub mod entities;
 pub mod faults;
 mod group;
