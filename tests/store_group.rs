@@ -170,6 +170,52 @@ async fn a_group_that_cannot_commit_runs_its_units_alone(db: &TestDb) {
 }
 on_both_backends!(fallback, a_group_that_cannot_commit_runs_its_units_alone);
 
+/// A group decides from this process's newest cached aggregates; another replica (a second store) moved two of the
+/// batches on. The refusal decided on a stale aggregate is checked and decided again inside the group; the change
+/// decided on a stale aggregate loses its batch row's compare-and-set at the flush, and the group runs its units
+/// alone, where it is decided again on the stored state. Nothing is written over the other replica's change.
+async fn stale_guesses_in_a_group_are_decided_again(db: &TestDb) {
+    let store = db.store().await;
+    let other = db.store().await;
+    let batches = registered(&store, 3).await;
+    let (a, b, c) = (&batches[0], &batches[1], &batches[2]);
+    let moved_a = changed(
+        &other
+            .apply(unit(a.batch.id, provisioned(a)), Utc::now())
+            .await,
+    )
+    .clone();
+    let moved_b = changed(
+        &other
+            .apply(unit(b.batch.id, provisioned(b)), Utc::now())
+            .await,
+    )
+    .clone();
+    let units = vec![
+        // At version 0 associations are refused (not provisioned yet); at `other`'s version they are taken.
+        event_unit(a.batch.id, associations(a), new_event(), "matching"),
+        // At version 0 this provisions the batch; `other` did that already.
+        event_unit(b.batch.id, provisioned(b), new_event(), "provisioning"),
+        event_unit(c.batch.id, provisioned(c), new_event(), "provisioning"),
+    ];
+    let results = store.apply_group(units, Utc::now()).await;
+    let after_a = changed(&results[0]);
+    assert_eq!(after_a.batch.version, moved_a.batch.version + 1);
+    assert_ne!(
+        after_a.batch.status, moved_a.batch.status,
+        "associations taken"
+    );
+    assert!(
+        !matches!(&results[1], Ok(Applied::Changed { effects, .. }) if !effects.is_empty()),
+        "provisioning twice published again: {:?}",
+        results[1]
+    );
+    assert_eq!(other.load(b.batch.id).await.unwrap().unwrap(), moved_b);
+    assert_eq!(changed(&results[2]).batch.version, 1);
+    assert_eq!(store.load(a.batch.id).await.unwrap().unwrap(), *after_a);
+}
+on_both_backends!(stale_guesses, stale_guesses_in_a_group_are_decided_again);
+
 async fn concurrent_callers_share_commits(db: &TestDb) {
     let store = db.store().await;
     let batches = registered(&store, 64).await;

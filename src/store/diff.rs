@@ -1,283 +1,168 @@
-//! The diff writer: what a decision changed, written as the fewest statements. The batch row's compare-and-set
-//! comes first and always: on PostgreSQL it takes the row lock that serialises every other writer of the batch, and a
-//! lost race shows up as `rows_affected == 0` before any child row is touched. Child rows are then written without
-//! their own version, except phase executions, which carry one and are compare-and-set as well.
+//! The diff writer: what a decision changed, as rows, written as few statements as possible. A `WriteSet`
+//! gathers the rows of one unit of work, or of several units of different batches (a group), and `flush` writes
+//! each table's rows in one statement: the batch rows' compare-and-set first — on PostgreSQL it takes the row locks
+//! that serialise every other writer of those batches, and a lost race shows up as fewer rows updated before any
+//! child row is touched — then the child rows, parents before children. Child rows carry no version of their own,
+//! except phase executions, which are compare-and-set as well.
 
 use std::collections::{HashMap, HashSet};
 
-use sea_orm::sea_query::{Expr, IntoColumnRef, OnConflict};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue, ColumnTrait, DatabaseTransaction, EntityTrait, IntoActiveModel,
-    Iterable, QueryFilter, TryInsertResult,
-};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{ActiveValue, DatabaseTransaction, IntoActiveModel};
 
 use super::entities::{
     batch_essays, batches, essay_phase_results, phase_executions, pipeline_runs,
 };
+use super::faults::{FaultPlan, FaultPoint};
 use super::mapping::{batch_to_row, essay_to_row, phase_to_row, result_to_row, run_to_row};
 use super::repository::AttemptError;
+use super::rows::{insert_rows, update_rows, RowUpdate};
 use super::StoreError;
+use crate::core::ids::BatchId;
 use crate::core::model::BatchAggregate;
 
-/// Bind parameters per statement we allow ourselves: under SQLite's 32,766 and PostgreSQL's 65,535.
-const MAX_BIND_PARAMS: usize = 30_000;
+/// The rows a set of decisions writes, by table. Holds at most one change per batch: a second decision about a
+/// batch must wait for the first one's rows to be flushed (`holds`), because it is compared against them.
+#[derive(Default)]
+pub(super) struct WriteSet {
+    batches: HashSet<BatchId>,
+    batch_inserts: Vec<batches::Model>,
+    batch_updates: Vec<(batches::Model, i64)>,
+    essays: Vec<batch_essays::Model>,
+    run_inserts: Vec<pipeline_runs::Model>,
+    run_updates: Vec<(pipeline_runs::Model, i64)>,
+    phase_inserts: Vec<phase_executions::ActiveModel>,
+    phase_updates: Vec<(phase_executions::Model, i64)>,
+    results: Vec<essay_phase_results::Model>,
+}
 
-/// Inserts a new batch, or compare-and-sets the existing one; sets the aggregate's version to the stored one.
-pub(super) async fn write_batch(
-    txn: &DatabaseTransaction,
-    old: Option<&BatchAggregate>,
-    new: &mut BatchAggregate,
-) -> Result<(), AttemptError> {
-    match old {
-        None => {
-            new.batch.version = 0;
-            let row = batch_to_row(&new.batch).map_err(StoreError::from)?;
-            // A concurrent registration of the same id makes this insert wait and then do nothing; the retry
-            // reads the winner and `decide` rejects with AlreadyExists.
-            let inserted = batches::Entity::insert(row.into_active_model())
-                .on_conflict_do_nothing_on([batches::Column::Id])
-                .exec_without_returning(txn)
-                .await?;
-            if !matches!(inserted, TryInsertResult::Inserted(1)) {
-                return Err(AttemptError::Conflict);
-            }
-        }
-        Some(old) => {
-            let expected = old.batch.version;
-            new.batch.version = expected;
-            let before = batch_to_row(&old.batch).map_err(StoreError::from)?;
-            let after = batch_to_row(&new.batch).map_err(StoreError::from)?;
-            let result = batches::Entity::update_many()
-                .set(changes(before, after))
-                .col_expr(batches::Column::Version, plus_one(batches::Column::Version))
-                .filter(batches::Column::Id.eq(new.batch.id.as_uuid()))
-                .filter(batches::Column::Version.eq(expected))
-                .exec(txn)
-                .await?;
-            if result.rows_affected != 1 {
-                return Err(AttemptError::StaleBatch);
-            }
-            new.batch.version = expected + 1;
-        }
+const BATCH_CAS: RowUpdate<batches::Column> = RowUpdate {
+    keys: &[batches::Column::Id],
+    fixed: &[],
+    version: Some(batches::Column::Version),
+};
+
+const RUN_UPDATE: RowUpdate<pipeline_runs::Column> = RowUpdate {
+    keys: &[pipeline_runs::Column::Id, pipeline_runs::Column::BatchId],
+    fixed: &[],
+    version: None,
+};
+
+const PHASE_CAS: RowUpdate<phase_executions::Column> = RowUpdate {
+    keys: &[
+        phase_executions::Column::RunId,
+        phase_executions::Column::Phase,
+    ],
+    fixed: &[phase_executions::Column::Id],
+    version: Some(phase_executions::Column::Version),
+};
+
+impl WriteSet {
+    pub(super) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
     }
-    Ok(())
-}
 
-/// `col + 1`, the version bump of a compare-and-set.
-fn plus_one(col: impl IntoColumnRef) -> Expr {
-    // Called as a function: importing the trait would shadow `Ord::max`/`min` on integers in this module.
-    sea_orm::sea_query::ExprTrait::add(Expr::col(col), 1)
-}
-
-/// The columns whose value differs between two rows, as `Set` values; everything else stays out of the UPDATE.
-fn changes<M, A>(before: M, after: M) -> A
-where
-    M: IntoActiveModel<A>,
-    A: ActiveModelTrait,
-{
-    let mut out = before.into_active_model();
-    let after = after.into_active_model();
-    for col in <A::Entity as EntityTrait>::Column::iter() {
-        let old = out.get(col).into_value();
-        let new = after.get(col).into_value();
-        if let Some(new) = new {
-            if old.as_ref() != Some(&new) {
-                out.set(col, new);
-            }
-        }
+    /// Whether rows of `batch_id` wait to be flushed.
+    pub(super) fn holds(&self, batch_id: BatchId) -> bool {
+        self.batches.contains(&batch_id)
     }
-    out
-}
 
-fn missing(what: &str, id: impl std::fmt::Display) -> AttemptError {
-    AttemptError::Store(StoreError::Corrupt(format!(
-        "decide dropped {what} {id}; rows are never deleted"
-    )))
-}
-
-/// Writes every child row that is new or changed. Phase executions are compare-and-set on their own version.
-pub(super) async fn write_children(
-    txn: &DatabaseTransaction,
-    old: Option<&BatchAggregate>,
-    new: &mut BatchAggregate,
-) -> Result<(), AttemptError> {
-    let batch_id = new.batch.id.as_uuid();
-    let empty = BatchAggregate {
-        batch: new.batch.clone(),
-        essays: Vec::new(),
-        results: Vec::new(),
-        runs: Vec::new(),
-    };
-    let old = old.unwrap_or(&empty);
-
-    // Essays: bulk insert the new ones, bulk upsert the changed ones (both inside the batch's compare-and-set).
-    let old_essays: HashMap<_, _> = old
-        .essays
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.id, (i, e)))
-        .collect();
-    let (mut inserts, mut updates) = (Vec::new(), Vec::new());
-    for (position, essay) in new.essays.iter().enumerate() {
-        match old_essays.get(&essay.id) {
+    /// Adds the rows that take the stored aggregate `old` (None: a new batch) to `new`, and sets `new`'s versions
+    /// to those the rows will have once flushed.
+    pub(super) fn plan(
+        &mut self,
+        old: Option<&BatchAggregate>,
+        new: &mut BatchAggregate,
+    ) -> Result<(), AttemptError> {
+        if !self.batches.insert(new.batch.id) {
+            return Err(StoreError::Corrupt(format!(
+                "batch {} planned twice before a flush",
+                new.batch.id
+            ))
+            .into());
+        }
+        match old {
             None => {
-                inserts.push(essay_to_row(batch_id, position, essay).map_err(StoreError::from)?)
+                new.batch.version = 0;
+                self.batch_inserts
+                    .push(batch_to_row(&new.batch).map_err(StoreError::from)?);
             }
-            Some((old_pos, old_essay)) if *old_pos != position || *old_essay != essay => {
-                updates.push(essay_to_row(batch_id, position, essay).map_err(StoreError::from)?)
-            }
-            Some(_) => {}
-        }
-    }
-    let kept: HashSet<_> = new.essays.iter().map(|e| e.id).collect();
-    if let Some(gone) = old.essays.iter().find(|e| !kept.contains(&e.id)) {
-        return Err(missing("essay", gone.id));
-    }
-    bulk_write::<batch_essays::Entity, _>(
-        txn,
-        inserts,
-        updates,
-        OnConflict::columns([batch_essays::Column::BatchId, batch_essays::Column::EssayId])
-            .update_columns([
-                batch_essays::Column::Position,
-                batch_essays::Column::TextRef,
-                batch_essays::Column::StudentId,
-                batch_essays::Column::Status,
-                batch_essays::Column::ValidationError,
-            ])
-            .to_owned(),
-    )
-    .await?;
-
-    // Runs and their phases.
-    let old_runs: HashMap<_, _> = old
-        .runs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.id, (i, r)))
-        .collect();
-    for (seq, run) in new.runs.iter_mut().enumerate() {
-        let run_row = run_to_row(batch_id, seq, run).map_err(StoreError::from)?;
-        let old_run = old_runs.get(&run.id);
-        match old_run {
-            None => {
-                pipeline_runs::Entity::insert(run_row.into_active_model())
-                    .exec_without_returning(txn)
-                    .await?;
-            }
-            Some((old_seq, old_run)) => {
-                let before = run_to_row(batch_id, *old_seq, old_run).map_err(StoreError::from)?;
-                if before != run_row {
-                    let result = pipeline_runs::Entity::update_many()
-                        .set(changes(before, run_row))
-                        .filter(pipeline_runs::Column::Id.eq(run.id.as_uuid()))
-                        .filter(pipeline_runs::Column::BatchId.eq(batch_id))
-                        .exec(txn)
-                        .await?;
-                    if result.rows_affected != 1 {
-                        return Err(AttemptError::Conflict);
-                    }
-                }
-            }
-        }
-        let old_phases: HashMap<_, _> = old_run
-            .map(|(_, r)| {
-                r.phases
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| (p.phase, (i, p)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some((_, old_run)) = old_run {
-            if let Some(gone) = old_run.phases.iter().find(|p| run.phase(p.phase).is_none()) {
-                return Err(missing(
-                    "phase",
-                    format!("{} of run {}", gone.phase, run.id),
+            Some(old) => {
+                let expected = old.batch.version;
+                new.batch.version = expected + 1;
+                self.batch_updates.push((
+                    batch_to_row(&new.batch).map_err(StoreError::from)?,
+                    expected,
                 ));
             }
         }
-        let run_id = run.id.as_uuid();
-        for (position, phase) in run.phases.iter_mut().enumerate() {
-            match old_phases.get(&phase.phase) {
-                None => {
-                    phase.version = 0;
-                    let mut row = phase_to_row(batch_id, run_id, position, phase)
-                        .map_err(StoreError::from)?
-                        .into_active_model();
-                    row.id = ActiveValue::NotSet;
-                    phase_executions::Entity::insert(row)
-                        .exec_without_returning(txn)
-                        .await?;
-                }
-                Some((old_pos, old_phase)) => {
-                    let expected = old_phase.version;
-                    phase.version = expected;
-                    let before = phase_to_row(batch_id, run_id, *old_pos, old_phase)
-                        .map_err(StoreError::from)?;
-                    let after = phase_to_row(batch_id, run_id, position, phase)
-                        .map_err(StoreError::from)?;
-                    if before == after {
-                        continue;
-                    }
-                    let result = phase_executions::Entity::update_many()
-                        .set(changes(before, after))
-                        .col_expr(
-                            phase_executions::Column::Version,
-                            plus_one(phase_executions::Column::Version),
-                        )
-                        .filter(phase_executions::Column::RunId.eq(run_id))
-                        .filter(phase_executions::Column::Phase.eq(phase.phase.as_str()))
-                        .filter(phase_executions::Column::Version.eq(expected))
-                        .exec(txn)
-                        .await?;
-                    if result.rows_affected != 1 {
-                        return Err(AttemptError::Conflict);
-                    }
-                    phase.version = expected + 1;
-                }
-            }
-        }
-    }
-    if let Some(gone) = old
-        .runs
-        .iter()
-        .find(|r| !new.runs.iter().any(|n| n.id == r.id))
-    {
-        return Err(missing("run", gone.id));
+        self.plan_children(old, new)
     }
 
-    // Per-essay phase results: one row per (essay, phase), the latest attempt's.
-    let old_results: HashMap<_, _> = old
-        .results
-        .iter()
-        .map(|r| ((r.essay_id, r.phase), r))
-        .collect();
-    let (mut inserts, mut updates) = (Vec::new(), Vec::new());
-    for result in &new.results {
-        match old_results.get(&(result.essay_id, result.phase)) {
-            None => inserts.push(result_to_row(batch_id, result).map_err(StoreError::from)?),
-            Some(old) if *old != result => {
-                updates.push(result_to_row(batch_id, result).map_err(StoreError::from)?)
-            }
-            Some(_) => {}
+    /// Writes every planned row, one statement per table and kind, and empties the set. A lost compare-and-set of
+    /// a batch row is `StaleBatch` (nothing of the set was written); of any other row, `Conflict`.
+    pub(super) async fn flush(
+        &mut self,
+        txn: &DatabaseTransaction,
+        faults: &FaultPlan,
+    ) -> Result<(), AttemptError> {
+        let set = std::mem::take(self);
+        if set.is_empty() {
+            return Ok(());
         }
-    }
-    if let Some(gone) = old.results.iter().find(|r| {
-        !new.results
-            .iter()
-            .any(|n| n.essay_id == r.essay_id && n.phase == r.phase)
-    }) {
-        return Err(missing(
-            "result",
-            format!("{} of essay {}", gone.phase, gone.essay_id),
-        ));
-    }
-    bulk_write::<essay_phase_results::Entity, _>(
-        txn,
-        inserts,
-        updates,
-        OnConflict::columns([
+        // A concurrent registration of the same id makes this insert wait and then do nothing; a retry reads the
+        // winner and `decide` rejects with AlreadyExists.
+        let new_batches = set.batch_inserts.len() as u64;
+        let upsert = OnConflict::column(batches::Column::Id)
+            .do_nothing()
+            .to_owned();
+        if insert_rows::<batches::Entity, _>(txn, set.batch_inserts, Some(upsert)).await?
+            != new_batches
+        {
+            return Err(AttemptError::Conflict);
+        }
+        let moved = set.batch_updates.len() as u64;
+        if update_rows::<batches::Entity>(txn, set.batch_updates, &BATCH_CAS).await? != moved {
+            return Err(AttemptError::StaleBatch);
+        }
+        faults.hit(FaultPoint::AfterCas)?;
+        let essays = set.essays.len() as u64;
+        let upsert =
+            OnConflict::columns([batch_essays::Column::BatchId, batch_essays::Column::EssayId])
+                .update_columns([
+                    batch_essays::Column::Position,
+                    batch_essays::Column::TextRef,
+                    batch_essays::Column::StudentId,
+                    batch_essays::Column::Status,
+                    batch_essays::Column::ValidationError,
+                ])
+                .to_owned();
+        expect_all(
+            insert_rows::<batch_essays::Entity, _>(txn, set.essays, Some(upsert)).await?,
+            essays,
+        )?;
+        let runs = set.run_inserts.len() as u64;
+        expect_all(
+            insert_rows::<pipeline_runs::Entity, _>(txn, set.run_inserts, None).await?,
+            runs,
+        )?;
+        let runs = set.run_updates.len() as u64;
+        expect_all(
+            update_rows::<pipeline_runs::Entity>(txn, set.run_updates, &RUN_UPDATE).await?,
+            runs,
+        )?;
+        let phases = set.phase_inserts.len() as u64;
+        expect_all(
+            insert_rows::<phase_executions::Entity, _>(txn, set.phase_inserts, None).await?,
+            phases,
+        )?;
+        let phases = set.phase_updates.len() as u64;
+        expect_all(
+            update_rows::<phase_executions::Entity>(txn, set.phase_updates, &PHASE_CAS).await?,
+            phases,
+        )?;
+        let results = set.results.len() as u64;
+        let upsert = OnConflict::columns([
             essay_phase_results::Column::BatchId,
             essay_phase_results::Column::EssayId,
             essay_phase_results::Column::Phase,
@@ -288,45 +173,159 @@ pub(super) async fn write_children(
             essay_phase_results::Column::Succeeded,
             essay_phase_results::Column::OutputRef,
         ])
-        .to_owned(),
-    )
-    .await?;
-    Ok(())
+        .to_owned();
+        expect_all(
+            insert_rows::<essay_phase_results::Entity, _>(txn, set.results, Some(upsert)).await?,
+            results,
+        )
+    }
+
+    /// Plans every child row that is new or changed. Phase executions are compare-and-set on their own version.
+    fn plan_children(
+        &mut self,
+        old: Option<&BatchAggregate>,
+        new: &mut BatchAggregate,
+    ) -> Result<(), AttemptError> {
+        let batch_id = new.batch.id.as_uuid();
+        let empty = BatchAggregate {
+            batch: new.batch.clone(),
+            essays: Vec::new(),
+            results: Vec::new(),
+            runs: Vec::new(),
+        };
+        let old = old.unwrap_or(&empty);
+
+        // Essays: bulk insert the new ones, bulk upsert the changed ones (both inside the batch's compare-and-set).
+        let old_essays: HashMap<_, _> = old
+            .essays
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id, (i, e)))
+            .collect();
+        for (position, essay) in new.essays.iter().enumerate() {
+            let changed = match old_essays.get(&essay.id) {
+                None => true,
+                Some((old_pos, old_essay)) => *old_pos != position || *old_essay != essay,
+            };
+            if changed {
+                self.essays
+                    .push(essay_to_row(batch_id, position, essay).map_err(StoreError::from)?);
+            }
+        }
+        let kept: HashSet<_> = new.essays.iter().map(|e| e.id).collect();
+        if let Some(gone) = old.essays.iter().find(|e| !kept.contains(&e.id)) {
+            return Err(missing("essay", gone.id));
+        }
+
+        // Runs and their phases.
+        let old_runs: HashMap<_, _> = old
+            .runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id, (i, r)))
+            .collect();
+        for (seq, run) in new.runs.iter_mut().enumerate() {
+            let run_row = run_to_row(batch_id, seq, run).map_err(StoreError::from)?;
+            let old_run = old_runs.get(&run.id);
+            match old_run {
+                None => self.run_inserts.push(run_row),
+                Some((old_seq, old_run)) => {
+                    let before =
+                        run_to_row(batch_id, *old_seq, old_run).map_err(StoreError::from)?;
+                    if before != run_row {
+                        self.run_updates.push((run_row, 0));
+                    }
+                }
+            }
+            let old_phases: HashMap<_, _> = old_run
+                .map(|(_, r)| {
+                    r.phases
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (p.phase, (i, p)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some((_, old_run)) = old_run {
+                if let Some(gone) = old_run.phases.iter().find(|p| run.phase(p.phase).is_none()) {
+                    return Err(missing(
+                        "phase",
+                        format!("{} of run {}", gone.phase, run.id),
+                    ));
+                }
+            }
+            let run_id = run.id.as_uuid();
+            for (position, phase) in run.phases.iter_mut().enumerate() {
+                match old_phases.get(&phase.phase) {
+                    None => {
+                        phase.version = 0;
+                        let mut row = phase_to_row(batch_id, run_id, position, phase)
+                            .map_err(StoreError::from)?
+                            .into_active_model();
+                        row.id = ActiveValue::NotSet;
+                        self.phase_inserts.push(row);
+                    }
+                    Some((old_pos, old_phase)) => {
+                        let expected = old_phase.version;
+                        phase.version = expected;
+                        let before = phase_to_row(batch_id, run_id, *old_pos, old_phase)
+                            .map_err(StoreError::from)?;
+                        let after = phase_to_row(batch_id, run_id, position, phase)
+                            .map_err(StoreError::from)?;
+                        if before == after {
+                            continue;
+                        }
+                        self.phase_updates.push((after, expected));
+                        phase.version = expected + 1;
+                    }
+                }
+            }
+        }
+        if let Some(gone) = old
+            .runs
+            .iter()
+            .find(|r| !new.runs.iter().any(|n| n.id == r.id))
+        {
+            return Err(missing("run", gone.id));
+        }
+
+        // Per-essay phase results: one row per (essay, phase), the latest attempt's.
+        let old_results: HashMap<_, _> = old
+            .results
+            .iter()
+            .map(|r| ((r.essay_id, r.phase), r))
+            .collect();
+        for result in &new.results {
+            if old_results.get(&(result.essay_id, result.phase)) != Some(&result) {
+                self.results
+                    .push(result_to_row(batch_id, result).map_err(StoreError::from)?);
+            }
+        }
+        if let Some(gone) = old.results.iter().find(|r| {
+            !new.results
+                .iter()
+                .any(|n| n.essay_id == r.essay_id && n.phase == r.phase)
+        }) {
+            return Err(missing(
+                "result",
+                format!("{} of essay {}", gone.phase, gone.essay_id),
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// Inserts new rows and upserts changed rows in as few statements as the bind-parameter limit allows, checking
-/// that every row was written.
-async fn bulk_write<E, M>(
-    txn: &DatabaseTransaction,
-    inserts: Vec<M>,
-    updates: Vec<M>,
-    upsert: OnConflict,
-) -> Result<(), AttemptError>
-where
-    E: EntityTrait,
-    M: IntoActiveModel<E::ActiveModel> + Clone + Send,
-    E::ActiveModel: Send,
-{
-    let per_row = <E::Column as Iterable>::iter().count().max(1);
-    let chunk = (MAX_BIND_PARAMS / per_row).max(1);
-    for rows in inserts.chunks(chunk) {
-        let n = rows.len() as u64;
-        let written = E::insert_many(rows.iter().cloned().map(IntoActiveModel::into_active_model))
-            .exec_without_returning(txn)
-            .await?;
-        if written != n {
-            return Err(AttemptError::Conflict);
-        }
+/// Every row of a statement must have been written: fewer means a compare-and-set lost (or a row went missing).
+fn expect_all(written: u64, planned: u64) -> Result<(), AttemptError> {
+    if written == planned {
+        Ok(())
+    } else {
+        Err(AttemptError::Conflict)
     }
-    for rows in updates.chunks(chunk) {
-        let n = rows.len() as u64;
-        let written = E::insert_many(rows.iter().cloned().map(IntoActiveModel::into_active_model))
-            .on_conflict(upsert.clone())
-            .exec_without_returning(txn)
-            .await?;
-        if written != n {
-            return Err(AttemptError::Conflict);
-        }
-    }
-    Ok(())
+}
+
+fn missing(what: &str, id: impl std::fmt::Display) -> AttemptError {
+    AttemptError::Store(StoreError::Corrupt(format!(
+        "decide dropped {what} {id}; rows are never deleted"
+    )))
 }

@@ -16,6 +16,7 @@ use sea_orm::{ColumnTrait, DbErr, EntityTrait, IntoActiveModel, QueryFilter};
 use uuid::Uuid;
 
 use super::cache::canonical;
+use super::diff::WriteSet;
 use super::entities::processed_events;
 use super::faults::FaultPoint;
 use super::outbox::insert_messages;
@@ -85,6 +86,7 @@ impl Store {
         let mut written: HashMap<BatchId, BatchAggregate> = HashMap::new();
         let mut messages = Vec::new();
         let mut rejected_events = Vec::new();
+        let mut writes = WriteSet::default();
         for &i in order {
             let unit = &units[i];
             // `fresh` holds each newly inserted id once: a second unit with the same id is the duplicate.
@@ -94,12 +96,13 @@ impl Store {
                     continue;
                 }
             }
+            // A batch's second unit is compared against its first one's rows: they must be written first.
+            if writes.holds(unit.batch_id) {
+                writes.flush(&txn, &self.faults).await?;
+            }
             let outcome = match written.get(&unit.batch_id) {
-                Some(aggregate) => {
-                    self.decide_and_write(&txn, Some(aggregate), unit, now)
-                        .await
-                }
-                None => self.decide_from_newest(&txn, unit, now).await,
+                Some(aggregate) => self.decide_into(Some(aggregate), unit, now, &mut writes),
+                None => self.decide_from_newest(&txn, unit, now, &mut writes).await,
             };
             match outcome {
                 Ok(unit_written) => {
@@ -125,6 +128,7 @@ impl Store {
                 Err(AttemptError::Store(e)) => return Err(GroupAbort::Store(e.to_string())),
             }
         }
+        writes.flush(&txn, &self.faults).await?;
         if !rejected_events.is_empty() {
             processed_events::Entity::delete_many()
                 .filter(processed_events::Column::EventId.is_in(rejected_events))
@@ -178,6 +182,16 @@ impl From<DbErr> for GroupAbort {
 impl From<super::StoreError> for GroupAbort {
     fn from(e: super::StoreError) -> Self {
         GroupAbort::Store(e.to_string())
+    }
+}
+
+impl From<AttemptError> for GroupAbort {
+    fn from(e: AttemptError) -> Self {
+        match e {
+            AttemptError::Conflict | AttemptError::StaleBatch => GroupAbort::Conflict,
+            AttemptError::Rejected(r) => GroupAbort::Store(format!("a flush was refused: {r:?}")),
+            AttemptError::Store(e) => GroupAbort::Store(e.to_string()),
+        }
     }
 }
 

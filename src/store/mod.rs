@@ -1,8 +1,9 @@
 //! The persistence adapter: SeaORM on PostgreSQL or SQLite behind the core's `BatchRepository` port.
 //!
-//! One unit of work is one transaction (ARCHITECTURE §2): inbox row → read with versions → `decide` →
-//! compare-and-set on the batch row (always, so every change of a batch is serialised by it) and on changed phase
-//! rows → child rows → outbox rows → commit. The relay reads the outbox through `outbox`.
+//! A unit of work is a transaction (ARCHITECTURE §2), or a share of one (`group`): inbox row → the aggregate with
+//! versions (the newest this process committed, or read) → `decide` → compare-and-set on the batch row (always, so
+//! every change of a batch is serialised by it) and on changed phase rows → child rows (`diff`, one statement per
+//! table for a whole group) → outbox rows → commit. The relay reads the outbox through `outbox`.
 
 mod cache;
 pub mod committer;
@@ -16,6 +17,7 @@ pub mod outbox;
 mod queries;
 mod repository;
 pub mod retention;
+mod rows;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,7 +14,7 @@ use sea_orm::DatabaseTransaction;
 use uuid::Uuid;
 
 use super::cache::canonical;
-use super::diff::{write_batch, write_children};
+use super::diff::WriteSet;
 use super::faults::FaultPoint;
 use super::outbox::insert_messages;
 use super::{inbox, queries, Store, StoreError};
@@ -40,7 +40,8 @@ pub(super) struct Written {
 pub(super) enum AttemptError {
     /// A compare-and-set lost; re-read and decide again.
     Conflict,
-    /// The batch row's compare-and-set lost: the unit decided from a stale aggregate and wrote nothing.
+    /// A batch row's compare-and-set lost: a unit decided from a stale aggregate, and nothing of the flush was
+    /// written.
     StaleBatch,
     Rejected(Rejection),
     Store(StoreError),
@@ -114,7 +115,7 @@ impl Store {
             }
             self.faults.hit(FaultPoint::AfterInbox)?;
         }
-        let written = match self.decide_from_newest(&txn, unit, now).await {
+        let written = match self.decide_and_flush(&txn, unit, now).await {
             Err(AttemptError::Rejected(rejection)) => {
                 txn.rollback().await?;
                 return Err(AttemptError::Rejected(rejection));
@@ -136,43 +137,65 @@ impl Store {
         })
     }
 
-    /// `decide_and_write` from the newest aggregate this process knows of, read from `txn` only when there is none
-    /// or the guess is not proven by the batch row's compare-and-set (see the module documentation).
-    pub(super) async fn decide_from_newest(
+    /// One unit's decision and its rows, written: a guess that the batch row's compare-and-set refutes (another
+    /// replica moved the batch on) is decided again on the stored aggregate at once.
+    async fn decide_and_flush(
         &self,
         txn: &DatabaseTransaction,
         unit: &UnitOfWork,
         now: DateTime<Utc>,
     ) -> Result<Written, AttemptError> {
+        let mut writes = WriteSet::default();
+        let written = self.decide_from_newest(txn, unit, now, &mut writes).await?;
+        match writes.flush(txn, &self.faults).await {
+            Err(AttemptError::StaleBatch) => {}
+            flushed => return flushed.map(|()| written),
+        }
+        metrics::counter!("store_stale_guesses_total").increment(1);
+        let stored = queries::load_in(txn, unit.batch_id, Some(&self.cache)).await?;
+        let written = self.decide_into(stored.as_ref(), unit, now, &mut writes)?;
+        writes.flush(txn, &self.faults).await?;
+        Ok(written)
+    }
+
+    /// `decide_into` from the newest aggregate this process knows of, read from `txn` only when there is none or
+    /// the decision writes nothing (see the module documentation). `writes` must not hold rows of the unit's batch.
+    pub(super) async fn decide_from_newest(
+        &self,
+        txn: &DatabaseTransaction,
+        unit: &UnitOfWork,
+        now: DateTime<Utc>,
+        writes: &mut WriteSet,
+    ) -> Result<Written, AttemptError> {
         let Some(guess) = self.cache.newest(unit.batch_id) else {
             let old = queries::load_in(txn, unit.batch_id, Some(&self.cache)).await?;
-            return self.decide_and_write(txn, old.as_ref(), unit, now).await;
+            return self.decide_into(old.as_ref(), unit, now, writes);
         };
-        let guessed = self.decide_and_write(txn, Some(&guess), unit, now).await;
-        let stale = match &guessed {
+        let guessed = self.decide_into(Some(&guess), unit, now, writes);
+        match &guessed {
+            // The batch row's compare-and-set, when the rows are flushed, proves or refutes it.
             Ok(written) if written.changed => return guessed,
-            // Nothing was written, so nothing proved the guess: it stands if the batch row is still at its version.
-            Ok(_) | Err(AttemptError::Rejected(_)) => false,
-            Err(AttemptError::StaleBatch) => true,
-            // A child row's compare-and-set can only lose after the batch row's won: something is written.
-            Err(AttemptError::Conflict | AttemptError::Store(_)) => return guessed,
-        };
+            // Nothing is written, so nothing will prove the guess: it stands if the batch row is at its version.
+            Ok(_) | Err(AttemptError::Rejected(_)) => {}
+            Err(_) => return guessed,
+        }
         let stored = queries::load_in(txn, unit.batch_id, Some(&self.cache)).await?;
-        if !stale && stored.as_ref().map(|a| a.batch.version) == Some(guess.batch.version) {
+        if stored.as_ref().map(|a| a.batch.version) == Some(guess.batch.version) {
             return guessed;
         }
         metrics::counter!("store_stale_guesses_total").increment(1);
-        self.decide_and_write(txn, stored.as_ref(), unit, now).await
+        self.decide_into(stored.as_ref(), unit, now, writes)
     }
 
-    /// decide → batch compare-and-set → child rows, inside `txn`, from the aggregate `old` as `txn` sees it. The
-    /// outbox rows come back for the caller to insert (a group inserts every unit's rows in one statement).
-    pub(super) async fn decide_and_write(
+    /// decide → the changed rows into `writes` → the outbox messages, from the aggregate `old`; nothing touches
+    /// the database. The outbox rows come back for the caller to insert (a group inserts every unit's rows in one
+    /// statement).
+    pub(super) fn decide_into(
         &self,
-        txn: &DatabaseTransaction,
         old: Option<&BatchAggregate>,
         unit: &UnitOfWork,
         now: DateTime<Utc>,
+        writes: &mut WriteSet,
     ) -> Result<Written, AttemptError> {
         let decision = decide(old, &unit.input, now).map_err(AttemptError::Rejected)?;
         let mut aggregate = decision.aggregate;
@@ -186,9 +209,7 @@ impl Store {
         let changed = old != Some(&aggregate) || !decision.effects.is_empty();
         let mut messages = Vec::new();
         if changed {
-            write_batch(txn, old, &mut aggregate).await?;
-            self.faults.hit(FaultPoint::AfterCas)?;
-            write_children(txn, old, &mut aggregate).await?;
+            writes.plan(old, &mut aggregate)?;
             messages = self.encode(&decision.effects, now)?;
         }
         Ok(Written {
