@@ -292,6 +292,13 @@ async fn a_pipeline_round_trips_through_the_rows(db: &TestDb) {
         run.phase(PhaseName::Nlp).unwrap().status,
         PhaseStatus::DispatchInitiated
     );
+    // A completed phase no longer waits; the one dispatched after it does.
+    let overdue = store
+        .timed_out_phases(now + Duration::hours(1), 10)
+        .await
+        .unwrap();
+    let waiting: Vec<_> = overdue.iter().map(|p| p.phase).collect();
+    assert_eq!(waiting, vec![PhaseName::Nlp]);
     let spellchecked: Vec<_> = stored
         .results
         .iter()

@@ -4,6 +4,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261204_000001_initial;
 mod m20261204_000002_outbox_unpublished;
+mod m20261204_000003_hot_updates;
 
 /// The values each enum column accepts (its CHECK constraint), for the test that compares them with the core.
 pub mod enum_values {
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261204_000001_initial::Migration),
             Box::new(m20261204_000002_outbox_unpublished::Migration),
+            Box::new(m20261204_000003_hot_updates::Migration),
         ]
     }
 }

@@ -116,7 +116,7 @@ impl WriteSet {
         let upsert = OnConflict::column(batches::Column::Id)
             .do_nothing()
             .to_owned();
-        if insert_rows::<batches::Entity, _>(txn, set.batch_inserts, Some(upsert)).await?
+        if insert_rows::<batches::Entity, _, _>(txn, set.batch_inserts, Some(upsert)).await?
             != new_batches
         {
             return Err(AttemptError::Conflict);
@@ -138,12 +138,12 @@ impl WriteSet {
                 ])
                 .to_owned();
         expect_all(
-            insert_rows::<batch_essays::Entity, _>(txn, set.essays, Some(upsert)).await?,
+            insert_rows::<batch_essays::Entity, _, _>(txn, set.essays, Some(upsert)).await?,
             essays,
         )?;
         let runs = set.run_inserts.len() as u64;
         expect_all(
-            insert_rows::<pipeline_runs::Entity, _>(txn, set.run_inserts, None).await?,
+            insert_rows::<pipeline_runs::Entity, _, _>(txn, set.run_inserts, None).await?,
             runs,
         )?;
         let runs = set.run_updates.len() as u64;
@@ -153,7 +153,7 @@ impl WriteSet {
         )?;
         let phases = set.phase_inserts.len() as u64;
         expect_all(
-            insert_rows::<phase_executions::Entity, _>(txn, set.phase_inserts, None).await?,
+            insert_rows::<phase_executions::Entity, _, _>(txn, set.phase_inserts, None).await?,
             phases,
         )?;
         let phases = set.phase_updates.len() as u64;
@@ -175,7 +175,8 @@ impl WriteSet {
         ])
         .to_owned();
         expect_all(
-            insert_rows::<essay_phase_results::Entity, _>(txn, set.results, Some(upsert)).await?,
+            insert_rows::<essay_phase_results::Entity, _, _>(txn, set.results, Some(upsert))
+                .await?,
             results,
         )
     }

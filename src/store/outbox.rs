@@ -168,10 +168,8 @@ pub(crate) async fn insert_messages<C: ConnectionTrait>(
             Ok(row)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    // One statement keeps the ids (= publish order) in effect order.
-    event_outbox::Entity::insert_many(rows)
-        .exec_without_returning(conn)
-        .await?;
+    // The ids (= publish order) follow the effects' order, across the statements too.
+    super::rows::insert_rows::<event_outbox::Entity, _, _>(conn, rows, None).await?;
     Ok(())
 }
 

@@ -190,6 +190,9 @@ impl Store {
         ];
         let rows = phase_executions::Entity::find()
             .filter(phase_executions::Column::Status.is_in(waiting))
+            // The conditions of the partial index `ix_phase_executions_waiting`, which holds exactly these phases.
+            .filter(phase_executions::Column::CompletedAt.is_null())
+            .filter(phase_executions::Column::DispatchedAt.is_not_null())
             .filter(phase_executions::Column::DispatchedAt.lte(dispatched_before))
             .order_by_asc(phase_executions::Column::DispatchedAt)
             .order_by_asc(phase_executions::Column::Id)

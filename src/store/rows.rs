@@ -11,23 +11,35 @@ use sea_orm::{
 /// Bind parameters per statement we allow ourselves: under SQLite's 32,766 and PostgreSQL's 65,535.
 const MAX_BIND_PARAMS: usize = 30_000;
 
+/// Every distinct statement text is prepared and cached on each pooled connection (by the driver, and by the
+/// server), so a statement over `n` rows must not come in every size `n`: statements cover a power of two of rows.
+/// The largest power of two of at most `rows` rows and at most `limit` (≥ 1) rows.
+fn power_of_two_chunk(rows: usize, limit: usize) -> usize {
+    let cap = rows.min(limit).max(1);
+    1 << (usize::BITS - 1 - cap.leading_zeros())
+}
+
 /// Inserts `rows` (upserting with `upsert` when given) in as few statements as the bind-parameter limit allows;
 /// returns how many rows were written.
-pub(super) async fn insert_rows<E, M>(
-    txn: &DatabaseTransaction,
+pub(super) async fn insert_rows<E, M, C>(
+    txn: &C,
     rows: Vec<M>,
     upsert: Option<OnConflict>,
 ) -> Result<u64, DbErr>
 where
+    C: ConnectionTrait,
     E: EntityTrait,
     M: IntoActiveModel<E::ActiveModel> + Send,
     E::ActiveModel: Send,
 {
     let per_row = <E::Column as Iterable>::iter().count().max(1);
-    let chunk = (MAX_BIND_PARAMS / per_row).max(1);
-    let mut rows = rows.into_iter().peekable();
+    let limit = MAX_BIND_PARAMS / per_row;
+    let mut left = rows.len();
+    let mut rows = rows.into_iter();
     let mut written = 0;
-    while rows.peek().is_some() {
+    while left > 0 {
+        let chunk = power_of_two_chunk(left, limit);
+        left -= chunk;
         let part: Vec<E::ActiveModel> = rows
             .by_ref()
             .take(chunk)
@@ -83,15 +95,25 @@ where
         .chain(written.iter().copied())
         .collect();
     let width = tuple.len() + usize::from(how.version.is_some());
-    let chunk = (MAX_BIND_PARAMS / width).max(1);
+    let limit = MAX_BIND_PARAMS / width;
     let backend = txn.get_database_backend();
     let table = E::default().table_name().to_owned();
     let mut updated = 0;
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
+    let mut rows = rows.into_iter();
+    let mut left = rows.len();
+    while left > 0 {
+        // Padded up to a power of two with copies of the last tuple: a row that joins several identical tuples is
+        // updated once, so the count of updated rows stays that of distinct rows.
+        let chunk = power_of_two_chunk(left, limit);
+        let size = if chunk < left && chunk * 2 <= limit {
+            chunk * 2
+        } else {
+            chunk
+        };
+        let real = size.min(left);
+        left -= real;
         let mut values = Vec::new();
-        let mut tuples = Vec::new();
-        for (row, expected) in rows.by_ref().take(chunk) {
+        for (row, expected) in rows.by_ref().take(real) {
             let active = row.into_active_model();
             for col in &tuple {
                 values.push(active.get(*col).into_value().unwrap_or(Value::Int(None)));
@@ -99,12 +121,19 @@ where
             if how.version.is_some() {
                 values.push(Value::BigInt(Some(expected)));
             }
-            let first = values.len() - width;
-            let marks: Vec<String> = (first..values.len())
-                .map(|i| placeholder(backend, i + 1))
-                .collect();
-            tuples.push(format!("({})", marks.join(", ")));
         }
+        let last = values[values.len() - width..].to_vec();
+        for _ in real..size {
+            values.extend(last.iter().cloned());
+        }
+        let tuples: Vec<String> = (0..size)
+            .map(|t| {
+                let marks: Vec<String> = (t * width..(t + 1) * width)
+                    .map(|i| placeholder(backend, i + 1))
+                    .collect();
+                format!("({})", marks.join(", "))
+            })
+            .collect();
         // VALUES columns are named column1, column2, … on both backends.
         let mut sets: Vec<String> = written
             .iter()
@@ -140,5 +169,19 @@ fn placeholder(backend: DbBackend, n: usize) -> String {
     match backend {
         DbBackend::Postgres => format!("${n}"),
         _ => "?".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::power_of_two_chunk;
+
+    #[test]
+    fn chunks_are_powers_of_two_within_the_limit() {
+        assert_eq!(power_of_two_chunk(1, 100), 1);
+        assert_eq!(power_of_two_chunk(7, 100), 4);
+        assert_eq!(power_of_two_chunk(8, 100), 8);
+        assert_eq!(power_of_two_chunk(1000, 100), 64);
+        assert_eq!(power_of_two_chunk(5, 0), 1);
     }
 }
