@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue, DatabaseTransaction, IntoActiveModel};
+use sea_orm::{ActiveValue, DatabaseTransaction, EntityTrait, IntoActiveModel};
 
 use super::entities::{
     batch_essays, batches, essay_phase_results, phase_executions, pipeline_runs,
@@ -126,7 +126,6 @@ impl WriteSet {
             return Err(AttemptError::StaleBatch);
         }
         faults.hit(FaultPoint::AfterCas)?;
-        let essays = set.essays.len() as u64;
         let upsert =
             OnConflict::columns([batch_essays::Column::BatchId, batch_essays::Column::EssayId])
                 .update_columns([
@@ -137,31 +136,11 @@ impl WriteSet {
                     batch_essays::Column::ValidationError,
                 ])
                 .to_owned();
-        expect_all(
-            insert_rows::<batch_essays::Entity, _, _>(txn, set.essays, Some(upsert)).await?,
-            essays,
-        )?;
-        let runs = set.run_inserts.len() as u64;
-        expect_all(
-            insert_rows::<pipeline_runs::Entity, _, _>(txn, set.run_inserts, None).await?,
-            runs,
-        )?;
-        let runs = set.run_updates.len() as u64;
-        expect_all(
-            update_rows::<pipeline_runs::Entity>(txn, set.run_updates, &RUN_UPDATE).await?,
-            runs,
-        )?;
-        let phases = set.phase_inserts.len() as u64;
-        expect_all(
-            insert_rows::<phase_executions::Entity, _, _>(txn, set.phase_inserts, None).await?,
-            phases,
-        )?;
-        let phases = set.phase_updates.len() as u64;
-        expect_all(
-            update_rows::<phase_executions::Entity>(txn, set.phase_updates, &PHASE_CAS).await?,
-            phases,
-        )?;
-        let results = set.results.len() as u64;
+        insert_all::<batch_essays::Entity, _>(txn, set.essays, Some(upsert)).await?;
+        insert_all::<pipeline_runs::Entity, _>(txn, set.run_inserts, None).await?;
+        update_all::<pipeline_runs::Entity>(txn, set.run_updates, &RUN_UPDATE).await?;
+        insert_all::<phase_executions::Entity, _>(txn, set.phase_inserts, None).await?;
+        update_all::<phase_executions::Entity>(txn, set.phase_updates, &PHASE_CAS).await?;
         let upsert = OnConflict::columns([
             essay_phase_results::Column::BatchId,
             essay_phase_results::Column::EssayId,
@@ -174,11 +153,7 @@ impl WriteSet {
             essay_phase_results::Column::OutputRef,
         ])
         .to_owned();
-        expect_all(
-            insert_rows::<essay_phase_results::Entity, _, _>(txn, set.results, Some(upsert))
-                .await?,
-            results,
-        )
+        insert_all::<essay_phase_results::Entity, _>(txn, set.results, Some(upsert)).await
     }
 
     /// Plans every child row that is new or changed. Phase executions are compare-and-set on their own version.
@@ -316,7 +291,35 @@ impl WriteSet {
     }
 }
 
-/// Every row of a statement must have been written: fewer means a compare-and-set lost (or a row went missing).
+/// Inserts (or upserts) every row; fewer written means a row went missing under us.
+async fn insert_all<E, M>(
+    txn: &DatabaseTransaction,
+    rows: Vec<M>,
+    upsert: Option<OnConflict>,
+) -> Result<(), AttemptError>
+where
+    E: EntityTrait,
+    M: IntoActiveModel<E::ActiveModel> + Send,
+    E::ActiveModel: Send,
+{
+    let planned = rows.len() as u64;
+    expect_all(insert_rows::<E, _, _>(txn, rows, upsert).await?, planned)
+}
+
+/// Updates every row; fewer updated means a compare-and-set lost.
+async fn update_all<E>(
+    txn: &DatabaseTransaction,
+    rows: Vec<(E::Model, i64)>,
+    how: &RowUpdate<E::Column>,
+) -> Result<(), AttemptError>
+where
+    E: EntityTrait,
+    E::Model: IntoActiveModel<E::ActiveModel>,
+{
+    let planned = rows.len() as u64;
+    expect_all(update_rows::<E>(txn, rows, how).await?, planned)
+}
+
 fn expect_all(written: u64, planned: u64) -> Result<(), AttemptError> {
     if written == planned {
         Ok(())
