@@ -122,10 +122,7 @@ impl Store {
                     }
                     results[i] = Some(Err(RepositoryError::Rejected(rejection)));
                 }
-                Err(AttemptError::Conflict | AttemptError::StaleBatch) => {
-                    return Err(GroupAbort::Conflict)
-                }
-                Err(AttemptError::Store(e)) => return Err(GroupAbort::Store(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
         writes.flush(&txn, &self.faults).await?;
@@ -189,7 +186,7 @@ impl From<AttemptError> for GroupAbort {
     fn from(e: AttemptError) -> Self {
         match e {
             AttemptError::Conflict | AttemptError::StaleBatch => GroupAbort::Conflict,
-            AttemptError::Rejected(r) => GroupAbort::Store(format!("a flush was refused: {r:?}")),
+            AttemptError::Rejected(r) => GroupAbort::Store(format!("unexpected refusal: {r:?}")),
             AttemptError::Store(e) => GroupAbort::Store(e.to_string()),
         }
     }

@@ -27,7 +27,7 @@ use crate::core::ports::{
 };
 use crate::core::rejection::Rejection;
 
-/// A unit decided and written inside an open transaction, before its outbox rows and the commit.
+/// A unit decided, its rows planned into a `WriteSet`; its outbox rows and the commit are the caller's.
 pub(super) struct Written {
     pub(super) aggregate: BatchAggregate,
     pub(super) effects: Vec<Effect>,
@@ -152,8 +152,7 @@ impl Store {
             flushed => return flushed.map(|()| written),
         }
         metrics::counter!("store_stale_guesses_total").increment(1);
-        let stored = queries::load_in(txn, unit.batch_id, Some(&self.cache)).await?;
-        let written = self.decide_into(stored.as_ref(), unit, now, &mut writes)?;
+        let written = self.decide_from_stored(txn, unit, now, &mut writes).await?;
         writes.flush(txn, &self.faults).await?;
         Ok(written)
     }
@@ -168,8 +167,7 @@ impl Store {
         writes: &mut WriteSet,
     ) -> Result<Written, AttemptError> {
         let Some(guess) = self.cache.newest(unit.batch_id) else {
-            let old = queries::load_in(txn, unit.batch_id, Some(&self.cache)).await?;
-            return self.decide_into(old.as_ref(), unit, now, writes);
+            return self.decide_from_stored(txn, unit, now, writes).await;
         };
         let guessed = self.decide_into(Some(&guess), unit, now, writes);
         match &guessed {
@@ -184,6 +182,18 @@ impl Store {
             return guessed;
         }
         metrics::counter!("store_stale_guesses_total").increment(1);
+        self.decide_into(stored.as_ref(), unit, now, writes)
+    }
+
+    /// `decide_into` from the aggregate as `txn` reads it.
+    async fn decide_from_stored(
+        &self,
+        txn: &DatabaseTransaction,
+        unit: &UnitOfWork,
+        now: DateTime<Utc>,
+        writes: &mut WriteSet,
+    ) -> Result<Written, AttemptError> {
+        let stored = queries::load_in(txn, unit.batch_id, Some(&self.cache)).await?;
         self.decide_into(stored.as_ref(), unit, now, writes)
     }
 
