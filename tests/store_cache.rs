@@ -5,7 +5,8 @@
 mod support;
 
 use bos::core::ids::PhaseName;
-use bos::core::model::{BatchAggregate, BatchStatus};
+use bos::core::input::Input;
+use bos::core::model::{BatchAggregate, BatchStatus, PhaseStatus};
 use bos::core::ports::{Applied, BatchRepository};
 use bos::store::{Store, StoreConfig};
 use chrono::Utc;
@@ -101,16 +102,7 @@ async fn other_writers_are_seen(db: &TestDb) {
     assert_eq!(next.batch.status, BatchStatus::ProcessingPipelines);
 
     // A version bump behind every store's back (an operator's UPDATE) is read afresh too.
-    let conn = a.connection();
-    let backend = conn.get_database_backend();
-    let sql = match backend {
-        sea_orm::DbBackend::Postgres => "UPDATE batches SET version = version + 1 WHERE id = $1",
-        _ => "UPDATE batches SET version = version + 1 WHERE id = ?",
-    };
-    let id = Value::from(next.batch.id.as_uuid());
-    conn.execute_raw(Statement::from_sql_and_values(backend, sql, [id]))
-        .await
-        .unwrap();
+    bump_version(&a, next.batch.id).await;
     let reread = a.load(next.batch.id).await.unwrap().unwrap();
     assert_eq!(reread.batch.version, next.batch.version + 1);
 }
@@ -171,3 +163,85 @@ async fn stale_guesses_are_decided_again(db: &TestDb) {
     assert_eq!(a.load(id).await.unwrap().expect("a's view"), completed);
 }
 on_both_backends!(cache_stale_guesses, stale_guesses_are_decided_again);
+
+/// A delivery report whose attempt has moved on (its outcome came first) can change nothing in any later state,
+/// so it is answered from the cached aggregate without reading the batch row: an out-of-band version bump is not
+/// seen, and nothing is written. An unsettled report is still decided on the stored state.
+async fn settled_deliveries_are_answered_from_the_cache(db: &TestDb) {
+    let store = db.store().await;
+    let fresh = uncached(db).await;
+    let new = new_batch("teacher-1", 2, false);
+    let (registered, _) = changed(store.apply(register(&new), Utc::now()).await.unwrap());
+    let id = registered.batch.id;
+    let (ready, _) = changed(
+        store
+            .apply(unit(id, provisioned(&registered)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    let (running, effects) = changed(
+        store
+            .apply(unit(id, request(&ready, PhaseName::Nlp)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    let spellcheck = commands(&effects).first().map(|c| (*c).clone()).unwrap();
+    let (completed, effects) = changed(
+        store
+            .apply(unit(id, success_for(&spellcheck)), Utc::now())
+            .await
+            .unwrap(),
+    );
+    let nlp = commands(&effects).first().map(|c| (*c).clone()).unwrap();
+    assert!(completed.batch.version > running.batch.version);
+    bump_version(&store, id).await;
+
+    let late = Input::PhaseCommandDelivered {
+        phase: spellcheck.phase,
+        attempt: spellcheck.attempt,
+    };
+    let (answer, effects) = changed(store.apply(unit(id, late), Utc::now()).await.unwrap());
+    assert!(effects.is_empty());
+    assert_eq!(
+        answer.batch.version, completed.batch.version,
+        "a settled report is answered from the cache, without reading the bumped row"
+    );
+    assert_eq!(answer.runs, completed.runs);
+    let stored = fresh.load(id).await.unwrap().expect("stored batch");
+    assert_eq!(
+        stored.batch.version,
+        completed.batch.version + 1,
+        "nothing written"
+    );
+
+    // nlp's report is not settled: it is decided on the stored state (past the bump) and lands.
+    let due = Input::PhaseCommandDelivered {
+        phase: nlp.phase,
+        attempt: nlp.attempt,
+    };
+    let (landed, _) = changed(store.apply(unit(id, due), Utc::now()).await.unwrap());
+    assert_eq!(landed.batch.version, completed.batch.version + 2);
+    let phase = landed
+        .active_run()
+        .and_then(|r| r.phase(PhaseName::Nlp))
+        .unwrap();
+    assert_eq!(phase.status, PhaseStatus::InProgress);
+}
+on_both_backends!(
+    cache_settled_deliveries,
+    settled_deliveries_are_answered_from_the_cache
+);
+
+/// An UPDATE of the batch row's version behind every store's back (an operator's, or another replica's).
+async fn bump_version(store: &Store, id: bos::core::ids::BatchId) {
+    let conn = store.connection();
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => "UPDATE batches SET version = version + 1 WHERE id = $1",
+        _ => "UPDATE batches SET version = version + 1 WHERE id = ?",
+    };
+    let id = Value::from(id.as_uuid());
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, [id]))
+        .await
+        .unwrap();
+}

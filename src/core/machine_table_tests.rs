@@ -227,3 +227,45 @@ fn changes_stamp_updated_at_and_never_touch_versions() {
     assert_eq!(d.aggregate.batch.version, 7);
     assert!(d.aggregate.runs[0].phases.iter().all(|p| p.version == 0));
 }
+
+/// A delivery report is settled once its attempt left DISPATCH_INITIATED, never before, and never for an attempt
+/// the batch has not dispatched.
+#[test]
+fn delivery_reports_settle_once_their_attempt_moved_on() {
+    let ready = ready_guest();
+    let started = step(&ready, request(&ready, PhaseName::Nlp, 1));
+    let spellcheck = commands(&started.effects)[0].clone();
+    let delivered = |phase, attempt| Input::PhaseCommandDelivered { phase, attempt };
+    let report = delivered(spellcheck.phase, spellcheck.attempt);
+    assert!(
+        !super::settled(&started.aggregate, &report),
+        "still DISPATCH_INITIATED"
+    );
+    let later_attempt = delivered(spellcheck.phase, Attempt::FIRST.next());
+    assert!(
+        !super::settled(&started.aggregate, &later_attempt),
+        "never dispatched"
+    );
+    // nlp waits for spellcheck: not dispatched, so not settled either.
+    let nlp = delivered(PhaseName::Nlp, Attempt::FIRST);
+    assert!(!super::settled(&started.aggregate, &nlp));
+
+    let in_progress = step(&started.aggregate, report.clone());
+    assert!(super::settled(&in_progress.aggregate, &report));
+    let completed = step(&started.aggregate, outcome_for(&spellcheck, &[]));
+    assert!(
+        super::settled(&completed.aggregate, &report),
+        "the outcome came first"
+    );
+    assert!(
+        !super::settled(&completed.aggregate, &nlp),
+        "nlp is dispatched now"
+    );
+    assert!(!super::settled(
+        &completed.aggregate,
+        &Input::Cancel {
+            actor: Actor::Internal,
+            reason: None
+        }
+    ));
+}

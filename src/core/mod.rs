@@ -16,6 +16,7 @@ pub mod rejection;
 pub mod run;
 
 pub use machine::{decide, Decision};
+pub use run::settled;
 
 #[cfg(test)]
 mod machine_table_tests;

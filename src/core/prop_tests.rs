@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::decide;
 use super::effect::{Effect, OutboundEvent, PhaseCommand};
 use super::ids::{Attempt, EssayId, PhaseName, RunId};
 use super::input::{Actor, FailedEssay, Input, ProcessedEssay, ReportedPhaseStatus};
 use super::model::{BatchAggregate, BatchStatus, RunStatus};
 use super::test_support::*;
+use super::{decide, settled};
 
 #[derive(Debug, Clone)]
 enum Action {
@@ -60,6 +60,8 @@ struct World {
     /// Essays each accepted outcome reported processed, per (run, phase).
     processed: BTreeMap<(RunId, PhaseName), BTreeSet<EssayId>>,
     completions: usize,
+    /// Delivery reports `settled` said could change nothing from some state on.
+    settled: Vec<Input>,
 }
 
 impl World {
@@ -86,6 +88,7 @@ impl World {
             commanded: HashSet::new(),
             processed: BTreeMap::new(),
             completions: 0,
+            settled: Vec::new(),
         }
     }
 
@@ -190,6 +193,29 @@ impl World {
             }
         }
         check_invariants(&self.agg);
+        self.check_settled();
+    }
+
+    /// A delivery report once settled changes nothing in this state nor in any later one (a unit decides it on a
+    /// cached, possibly stale, copy of the batch without reading the stored state).
+    fn check_settled(&mut self) {
+        for input in &self.settled {
+            if let Ok(d) = decide(Some(&self.agg), input, t(self.now)) {
+                assert!(
+                    d.aggregate == self.agg && d.effects.is_empty(),
+                    "settled {input:?} changed the batch"
+                );
+            }
+        }
+        for cmd in &self.commands {
+            let input = Input::PhaseCommandDelivered {
+                phase: cmd.phase,
+                attempt: cmd.attempt,
+            };
+            if settled(&self.agg, &input) && !self.settled.contains(&input) {
+                self.settled.push(input);
+            }
+        }
     }
 
     /// The completion counts are the essays the requested phase reported processed in this run; the rest of the

@@ -153,6 +153,30 @@ pub(crate) fn command_delivered(agg: &mut BatchAggregate, phase: PhaseName, atte
     }
 }
 
+/// Whether `input` can change nothing on `agg` nor on any later state of the batch, so that deciding it on a
+/// stale copy is as good as deciding it on the stored state. So far one input is: a delivery report for an attempt
+/// that has left DISPATCH_INITIATED (an outcome, a timeout, a cancellation or the report itself came first) or
+/// whose run has ended. An attempt never returns to DISPATCH_INITIATED and an ended run never runs again (a retry
+/// is a new attempt in a new run), so what holds here holds in every later state.
+pub fn settled(agg: &BatchAggregate, input: &Input) -> bool {
+    let Input::PhaseCommandDelivered { phase, attempt } = input else {
+        return false;
+    };
+    agg.runs.iter().any(|run| {
+        run.phases.iter().any(|p| {
+            p.phase == *phase
+                && p.attempt == *attempt
+                && (run.status != RunStatus::Running
+                    || !matches!(
+                        p.status,
+                        PhaseStatus::PendingDependencies
+                            | PhaseStatus::RequestedByUser
+                            | PhaseStatus::DispatchInitiated
+                    ))
+        })
+    })
+}
+
 /// Finds the phase an outcome or timeout answers: active run, phase in it, current attempt, dispatched.
 fn dispatched_phase(
     agg: &BatchAggregate,

@@ -119,6 +119,10 @@ impl GroupCommitter {
         unit: UnitOfWork,
         now: DateTime<Utc>,
     ) -> Result<Applied, RepositoryError> {
+        // Answered without a lane or a transaction: nothing to commit, and nothing for the observers.
+        if let Some(applied) = self.store.settled_unit(&unit) {
+            return Ok(applied);
+        }
         let (reply, answer) = oneshot::channel();
         let lane = self.lane(unit.batch_id);
         if lane.send(Queued { unit, now, reply }).await.is_err() {

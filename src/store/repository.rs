@@ -3,7 +3,8 @@
 //! A unit decides from the newest aggregate this process knows of (the aggregate cache) without reading the
 //! database first: the batch row's compare-and-set, the first statement of every change, proves the guess. Only
 //! a guess that no compare-and-set proved (it lost, or the decision wrote nothing, or was a rejection) is checked
-//! against the stored batch row, and decided again when it was stale.
+//! against the stored batch row, and decided again when it was stale — unless the core says the unit is settled:
+//! no later state of the batch could make it change anything (`core::settled`), so no read can change the answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use crate::core::ports::{
     Applied, BatchPage, BatchRepository, BoxFuture, RepositoryError, TimedOutPhase, UnitOfWork,
 };
 use crate::core::rejection::Rejection;
+use crate::core::settled;
 
 /// A unit decided, its rows planned into a `WriteSet`; its outbox rows and the commit are the caller's.
 pub(super) struct Written {
@@ -74,6 +76,9 @@ impl Store {
     ) -> Result<Applied, RepositoryError> {
         // The database keeps microseconds; deciding with the stored precision makes the returned aggregate equal
         // to what a later load reads.
+        if let Some(applied) = self.settled_unit(&unit) {
+            return Ok(applied);
+        }
         let now = now.trunc_subsecs(6);
         let _writer = self.write_guard().await;
         let attempts = self.config.max_cas_attempts.max(1);
@@ -89,6 +94,25 @@ impl Store {
             }
         }
         Err(RepositoryError::Conflict { attempts })
+    }
+
+    /// The answer to a unit that the newest cached aggregate shows can change nothing in any state of the batch
+    /// from that one on (`core::settled`; a delivery report whose outcome came first): that aggregate and no
+    /// effects, without a transaction. The aggregate may trail the stored one; nothing the unit could do depends on
+    /// the difference. A unit with an inbox entry always runs, as its event id must be recorded.
+    pub(crate) fn settled_unit(&self, unit: &UnitOfWork) -> Option<Applied> {
+        if unit.inbox.is_some() {
+            return None;
+        }
+        let newest = self.cache.newest(unit.batch_id)?;
+        if !settled(&newest, &unit.input) {
+            return None;
+        }
+        metrics::counter!("store_settled_units_total").increment(1);
+        Some(Applied::Changed {
+            aggregate: Box::new(newest.as_ref().clone()),
+            effects: Vec::new(),
+        })
     }
 
     /// Full jitter over an exponentially growing window, so the losers of one race do not collide again.
@@ -173,6 +197,8 @@ impl Store {
         match &guessed {
             // The batch row's compare-and-set, when the rows are flushed, proves or refutes it.
             Ok(written) if written.changed => return guessed,
+            // Nothing written and nothing any later state could change: the guess is as good as the stored state.
+            Ok(_) if settled(&guess, &unit.input) => return guessed,
             // Nothing is written, so nothing will prove the guess: it stands if the batch row is at its version.
             Ok(_) | Err(AttemptError::Rejected(_)) => {}
             Err(_) => return guessed,
