@@ -52,6 +52,9 @@ pub struct RelayConfig {
     pub backoff_cap: Duration,
     /// How often the parked-rows gauge is refreshed.
     pub gauge_interval: Duration,
+    /// How long after the broker's acknowledgement a phase command's delivery is reported (DISPATCH_INITIATED →
+    /// IN_PROGRESS): a report whose outcome came back meanwhile is settled and costs no transaction.
+    pub delivery_settle: Duration,
 }
 
 impl Default for RelayConfig {
@@ -63,6 +66,7 @@ impl Default for RelayConfig {
             backoff_base: Duration::from_millis(200),
             backoff_cap: Duration::from_secs(10),
             gauge_interval: Duration::from_secs(15),
+            delivery_settle: Duration::from_secs(1),
         }
     }
 }
@@ -205,6 +209,7 @@ impl Relay {
         let finishing = tokio::spawn(finish_rounds(
             self.store.clone(),
             self.listener.clone(),
+            self.config.delivery_settle,
             self.notify.clone(),
             queue,
         ));

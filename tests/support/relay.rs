@@ -96,6 +96,7 @@ pub fn relay_config() -> RelayConfig {
         backoff_base: Duration::from_millis(100),
         backoff_cap: Duration::from_millis(500),
         gauge_interval: Duration::from_secs(1),
+        delivery_settle: Duration::from_millis(50),
     }
 }
 
