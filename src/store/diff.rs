@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue, DatabaseTransaction, EntityTrait, IntoActiveModel};
 
 use super::entities::{
@@ -16,7 +15,7 @@ use super::entities::{
 use super::faults::{FaultPlan, FaultPoint};
 use super::mapping::{batch_to_row, essay_to_row, phase_to_row, result_to_row, run_to_row};
 use super::repository::AttemptError;
-use super::rows::{insert_rows, update_rows, RowUpdate};
+use super::rows::{insert_rows, update_rows, OnKey, RowUpdate};
 use super::StoreError;
 use crate::core::ids::BatchId;
 use crate::core::model::BatchAggregate;
@@ -35,6 +34,36 @@ pub(super) struct WriteSet {
     phase_updates: Vec<(phase_executions::Model, i64)>,
     results: Vec<essay_phase_results::Model>,
 }
+
+const NEW_BATCH: OnKey<batches::Column> = OnKey {
+    keys: &[batches::Column::Id],
+    update: &[],
+};
+
+const ESSAY_UPSERT: OnKey<batch_essays::Column> = OnKey {
+    keys: &[batch_essays::Column::BatchId, batch_essays::Column::EssayId],
+    update: &[
+        batch_essays::Column::Position,
+        batch_essays::Column::TextRef,
+        batch_essays::Column::StudentId,
+        batch_essays::Column::Status,
+        batch_essays::Column::ValidationError,
+    ],
+};
+
+const RESULT_UPSERT: OnKey<essay_phase_results::Column> = OnKey {
+    keys: &[
+        essay_phase_results::Column::BatchId,
+        essay_phase_results::Column::EssayId,
+        essay_phase_results::Column::Phase,
+    ],
+    update: &[
+        essay_phase_results::Column::RunId,
+        essay_phase_results::Column::Attempt,
+        essay_phase_results::Column::Succeeded,
+        essay_phase_results::Column::OutputRef,
+    ],
+};
 
 const BATCH_CAS: RowUpdate<batches::Column> = RowUpdate {
     keys: &[batches::Column::Id],
@@ -113,10 +142,7 @@ impl WriteSet {
         // A concurrent registration of the same id makes this insert wait and then do nothing; a retry reads the
         // winner and `decide` rejects with AlreadyExists.
         let new_batches = set.batch_inserts.len() as u64;
-        let upsert = OnConflict::column(batches::Column::Id)
-            .do_nothing()
-            .to_owned();
-        if insert_rows::<batches::Entity, _, _>(txn, set.batch_inserts, Some(upsert)).await?
+        if insert_rows::<batches::Entity, _, _>(txn, set.batch_inserts, Some(&NEW_BATCH)).await?
             != new_batches
         {
             return Err(AttemptError::Conflict);
@@ -126,34 +152,12 @@ impl WriteSet {
             return Err(AttemptError::StaleBatch);
         }
         faults.hit(FaultPoint::AfterCas)?;
-        let upsert =
-            OnConflict::columns([batch_essays::Column::BatchId, batch_essays::Column::EssayId])
-                .update_columns([
-                    batch_essays::Column::Position,
-                    batch_essays::Column::TextRef,
-                    batch_essays::Column::StudentId,
-                    batch_essays::Column::Status,
-                    batch_essays::Column::ValidationError,
-                ])
-                .to_owned();
-        insert_all::<batch_essays::Entity, _>(txn, set.essays, Some(upsert)).await?;
+        insert_all::<batch_essays::Entity, _>(txn, set.essays, Some(&ESSAY_UPSERT)).await?;
         insert_all::<pipeline_runs::Entity, _>(txn, set.run_inserts, None).await?;
         update_all::<pipeline_runs::Entity>(txn, set.run_updates, &RUN_UPDATE).await?;
         insert_all::<phase_executions::Entity, _>(txn, set.phase_inserts, None).await?;
         update_all::<phase_executions::Entity>(txn, set.phase_updates, &PHASE_CAS).await?;
-        let upsert = OnConflict::columns([
-            essay_phase_results::Column::BatchId,
-            essay_phase_results::Column::EssayId,
-            essay_phase_results::Column::Phase,
-        ])
-        .update_columns([
-            essay_phase_results::Column::RunId,
-            essay_phase_results::Column::Attempt,
-            essay_phase_results::Column::Succeeded,
-            essay_phase_results::Column::OutputRef,
-        ])
-        .to_owned();
-        insert_all::<essay_phase_results::Entity, _>(txn, set.results, Some(upsert)).await
+        insert_all::<essay_phase_results::Entity, _>(txn, set.results, Some(&RESULT_UPSERT)).await
     }
 
     /// Plans every child row that is new or changed. Phase executions are compare-and-set on their own version.
@@ -295,15 +299,14 @@ impl WriteSet {
 async fn insert_all<E, M>(
     txn: &DatabaseTransaction,
     rows: Vec<M>,
-    upsert: Option<OnConflict>,
+    on_key: Option<&OnKey<E::Column>>,
 ) -> Result<(), AttemptError>
 where
     E: EntityTrait,
     M: IntoActiveModel<E::ActiveModel> + Send,
-    E::ActiveModel: Send,
 {
     let planned = rows.len() as u64;
-    expect_all(insert_rows::<E, _, _>(txn, rows, upsert).await?, planned)
+    expect_all(insert_rows::<E, _, _>(txn, rows, on_key).await?, planned)
 }
 
 /// Updates every row; fewer updated means a compare-and-set lost.
