@@ -231,6 +231,8 @@ async fn lifecycles(mut client: Client, waiters: Waiters, essays: i32, until: In
                 Err(s) if s.code() == tonic::Code::FailedPrecondition && Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                // The soak ended while the batch's content was still on its way: cut off, not failed.
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => return rec,
                 Err(s) => {
                     rec.error(format!("{:?}", s.code()));
                     return rec;

@@ -137,7 +137,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
                 redis_url: api::DEFAULT_REDIS_URL.to_owned(),
             }),
             Measure::Transitions(transitions::TransitionArgs {
-                batches: 600,
+                batches: transitions::DEFAULT_BATCHES,
                 essays: 4,
                 raw_seconds: 5,
             }),

@@ -15,11 +15,15 @@ use super::stack::{self, Stack};
 use super::stats::{verdict, Ratio, Recorder, Summary};
 use super::{BenchError, Common};
 
+/// Batches of `bos bench transitions` unless told otherwise.
+pub const DEFAULT_BATCHES: usize = 1500;
+
 /// Flags of `bos bench transitions`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TransitionArgs {
-    /// Batches driven through spellcheck → nlp → ai_feedback (three measured transitions each).
-    #[arg(long, default_value_t = 600)]
+    /// Batches driven through spellcheck → nlp → ai_feedback (three measured transitions each). 1,500 give a
+    /// measured window of over a second; with 600 it was half a second, much of it ramp-up and ramp-down.
+    #[arg(long, default_value_t = DEFAULT_BATCHES)]
     pub batches: usize,
     /// Essays per batch.
     #[arg(long, default_value_t = 4)]
