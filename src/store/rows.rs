@@ -84,15 +84,8 @@ where
             update,
             on_key.is_some(),
         );
-        let sql = statement_text(key, || insert_text(backend, table, &columns, chunk, on_key));
-        let result = txn
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql.as_ref(),
-                values,
-            ))
-            .await?;
-        written += result.rows_affected();
+        let text = || insert_text(backend, table, &columns, chunk, on_key);
+        written += execute_shape(txn, key, text, values).await?;
     }
     Ok(written)
 }
@@ -199,6 +192,26 @@ fn mask<C: ColumnTrait + Iterable>(columns: &[C]) -> u64 {
         .fold(0, |m, (i, _)| m | 1u64 << (i % 64))
 }
 
+/// Runs the statement of shape `key` (its text built by `build` the first time) with `values`; returns how many
+/// rows it affected.
+async fn execute_shape<C: ConnectionTrait>(
+    txn: &C,
+    key: TextKey,
+    build: impl FnOnce() -> String,
+    values: Vec<Value>,
+) -> Result<u64, DbErr> {
+    let backend = txn.get_database_backend();
+    let sql = statement_text(key, build);
+    let result = txn
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql.as_ref(),
+            values,
+        ))
+        .await?;
+    Ok(result.rows_affected())
+}
+
 /// The text of a statement shape, built once per process: building a 64-row statement's text (sea-query, then
 /// `format!` of every placeholder) was a fifth of BOS's instructions in the spine. Shapes are bounded (tables ×
 /// kinds × power-of-two row counts), and so is this map.
@@ -297,15 +310,8 @@ where
             &written,
             how.version.is_some(),
         );
-        let sql = statement_text(key, || update_text(backend, table, how, &written, size));
-        let result = txn
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql.as_ref(),
-                values,
-            ))
-            .await?;
-        updated += result.rows_affected();
+        let text = || update_text(backend, table, how, &written, size);
+        updated += execute_shape(txn, key, text, values).await?;
     }
     Ok(updated)
 }
