@@ -74,11 +74,11 @@ impl Store {
         unit: UnitOfWork,
         now: DateTime<Utc>,
     ) -> Result<Applied, RepositoryError> {
-        // The database keeps microseconds; deciding with the stored precision makes the returned aggregate equal
-        // to what a later load reads.
         if let Some(applied) = self.settled_unit(&unit) {
             return Ok(applied);
         }
+        // The database keeps microseconds; deciding with the stored precision makes the returned aggregate equal
+        // to what a later load reads.
         let now = now.trunc_subsecs(6);
         let _writer = self.write_guard().await;
         let attempts = self.config.max_cas_attempts.max(1);
