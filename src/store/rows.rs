@@ -77,12 +77,13 @@ where
         let key = TextKey::new(
             backend,
             table,
-            TextKind::Insert,
+            TextKind::Insert {
+                on_conflict: on_key.is_some(),
+            },
             chunk,
             &columns,
             keys,
             update,
-            on_key.is_some(),
         );
         let text = || insert_text(backend, table, &columns, chunk, on_key);
         written += execute_shape(txn, key, text, values).await?;
@@ -97,22 +98,13 @@ fn insert_text<C: ColumnTrait>(
     rows: usize,
     on_key: Option<&OnKey<C>>,
 ) -> String {
-    let names: Vec<String> = columns
-        .iter()
-        .map(|c| format!("\"{}\"", c.as_str()))
-        .collect();
     let mut sql = format!(
         "INSERT INTO \"{table}\" ({}) VALUES {}",
-        names.join(", "),
+        quoted(columns),
         tuples(backend, rows, columns.len())
     );
     if let Some(on_key) = on_key {
-        let keys: Vec<String> = on_key
-            .keys
-            .iter()
-            .map(|c| format!("\"{}\"", c.as_str()))
-            .collect();
-        sql.push_str(&format!(" ON CONFLICT ({}) DO ", keys.join(", ")));
+        sql.push_str(&format!(" ON CONFLICT ({}) DO ", quoted(on_key.keys)));
         if on_key.update.is_empty() {
             sql.push_str("NOTHING");
         } else {
@@ -142,11 +134,12 @@ fn tuples(backend: DbBackend, rows: usize, width: usize) -> String {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum TextKind {
-    Insert,
-    Update,
+    Insert { on_conflict: bool },
+    Update { versioned: bool },
 }
 
-/// Everything a statement text depends on. Columns are given by their position in the entity.
+/// Everything a statement text depends on. Columns are given by their position in the entity (all our entities
+/// have far fewer than 64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct TextKey {
     postgres: bool,
@@ -156,12 +149,9 @@ struct TextKey {
     columns: u64,
     keys: u64,
     update: u64,
-    /// An insert's ON CONFLICT clause, an update's version column.
-    flag: bool,
 }
 
 impl TextKey {
-    #[allow(clippy::too_many_arguments)]
     fn new<C: ColumnTrait + Iterable>(
         backend: DbBackend,
         table: &'static str,
@@ -170,7 +160,6 @@ impl TextKey {
         columns: &[C],
         keys: &[C],
         update: &[C],
-        flag: bool,
     ) -> Self {
         Self {
             postgres: backend == DbBackend::Postgres,
@@ -180,9 +169,17 @@ impl TextKey {
             columns: mask(columns),
             keys: mask(keys),
             update: mask(update),
-            flag,
         }
     }
+}
+
+/// `"a", "b", …`
+fn quoted<C: ColumnTrait>(columns: &[C]) -> String {
+    let names: Vec<String> = columns
+        .iter()
+        .map(|c| format!("\"{}\"", c.as_str()))
+        .collect();
+    names.join(", ")
 }
 
 fn mask<C: ColumnTrait + Iterable>(columns: &[C]) -> u64 {
@@ -303,12 +300,13 @@ where
         let key = TextKey::new(
             backend,
             table,
-            TextKind::Update,
+            TextKind::Update {
+                versioned: how.version.is_some(),
+            },
             size,
             &tuple,
             how.keys,
             &written,
-            how.version.is_some(),
         );
         let text = || update_text(backend, table, how, &written, size);
         updated += execute_shape(txn, key, text, values).await?;
@@ -393,12 +391,11 @@ mod tests {
             TextKey::new(
                 DbBackend::Postgres,
                 "rows_test",
-                TextKind::Insert,
+                TextKind::Insert { on_conflict: true },
                 rows,
                 &columns,
                 ON_ID.keys,
                 ON_ID.update,
-                true,
             )
         };
         let first = statement_text(key(4), || "four".to_owned());
