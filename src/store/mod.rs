@@ -26,7 +26,7 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    DbErr, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -105,10 +105,52 @@ impl Default for StoreConfig {
     }
 }
 
+/// Session settings of the PostgreSQL connections that write. A write transaction finds every row by key, so it
+/// plans without sequential scans and hash or merge joins. A group's `UPDATE … FROM (VALUES …)` is otherwise planned
+/// from statistics, and a prepared statement keeps its generic plan for the life of the connection: planned while a
+/// table was small (a new database, or no ANALYZE since), it scanned the whole table on every flush for good — 6,150
+/// sequential scans of `phase_executions` in a 100-second soak, each flush slower than the last. For the same reason
+/// a write's statements always run their generic plan: a custom plan is made anew at every bind, and for a 64-row
+/// `UPDATE … FROM (VALUES …)` that planning cost PostgreSQL more than the key lookups it chose (bind was 17 % of the
+/// statement time in the spine's statement log), for the plan the generic one already is. Set per session rather
+/// than per transaction (`SET LOCAL`), they cost a write transaction no statement; reads keep the defaults.
+const WRITE_SETTINGS: &[(&str, &str)] = &[
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
+];
+
+/// The relay's commits (a claim's lease, a published mark, a failure count) do not wait for their WAL flush: lost in
+/// a crash of PostgreSQL, each only makes a row go out again, with the same event id, which is what at-least-once
+/// delivery allows. The later synchronous commit of any unit of work flushes them anyway. The units of work
+/// themselves keep `synchronous_commit = on`: the consumer commits its offsets after them.
+const RELAY_SETTINGS: &[(&str, &str)] = &[("synchronous_commit", "off")];
+
+/// The relay claims, marks and records failures one statement at a time, from two tasks.
+const RELAY_CONNECTIONS: u32 = 4;
+
+/// The store's connection pools (one on SQLite).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Reads, migrations and operator queries.
+    Reads,
+    /// Units of work and other write transactions.
+    Writes,
+    /// The outbox relay's claims, marks and failure counts.
+    Relay,
+}
+
 /// The repository. Cheap to clone: every clone shares the pool, the encoder and the fault plan.
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// The pool write transactions run on: on PostgreSQL its sessions carry the planner settings of
+    /// `WRITE_SETTINGS`, so a transaction does not spend a statement setting them; on SQLite it is `db`.
+    writer: DatabaseConnection,
+    /// The relay's pool (claims, marks, failures): on PostgreSQL its sessions also commit without waiting for the
+    /// WAL flush (see `RELAY_SETTINGS`); on SQLite it is `db`.
+    relay: DatabaseConnection,
     encoder: Option<Arc<dyn EffectEncoder>>,
     faults: Arc<FaultPlan>,
     /// SQLite allows one writer; taking this lock before a write transaction turns "database is locked" errors
@@ -140,7 +182,7 @@ impl Store {
             .sqlx_logging(false)
             .acquire_timeout(Duration::from_secs(30));
         let is_sqlite = url.starts_with("sqlite:");
-        if is_sqlite {
+        let (db, writer, relay) = if is_sqlite {
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
             // An in-memory database exists per connection, so it must have exactly one.
             options
@@ -157,14 +199,31 @@ impl Store {
                     o.journal_mode(SqliteJournalMode::Wal)
                 }
             });
+            let db = Database::connect(options).await?;
+            (db.clone(), db.clone(), db)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             options.max_connections(config.max_connections);
+            let db = Database::connect(options.clone()).await?;
+            // Opened on first use: a store that never writes or relays holds no extra connection.
+            options.connect_lazy(true);
+            let mut writer_options = options.clone();
+            writer_options.map_sqlx_postgres_opts(|o| o.options(WRITE_SETTINGS.iter().copied()));
+            let writer = Database::connect(writer_options).await?;
+            let mut relay_options = options;
+            relay_options
+                .max_connections(RELAY_CONNECTIONS)
+                .map_sqlx_postgres_opts(|o| {
+                    o.options(WRITE_SETTINGS.iter().chain(RELAY_SETTINGS).copied())
+                });
+            let relay = Database::connect(relay_options).await?;
+            (db, writer, relay)
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
-        }
-        let db = Database::connect(options).await?;
+        };
         Ok(Store {
             db,
+            writer,
+            relay,
             encoder: None,
             faults: Arc::new(FaultPlan::new()),
             sqlite_writer: is_sqlite.then(|| Arc::new(Mutex::new(()))),
@@ -207,48 +266,53 @@ impl Store {
         &self.db
     }
 
+    /// The value of a run-time setting in the sessions of one of the store's pools (`SELECT current_setting`), for
+    /// operators checking what writes and the relay run with. PostgreSQL only.
+    pub async fn session_setting(&self, pool: Pool, name: &str) -> Result<String, StoreError> {
+        let conn = match pool {
+            Pool::Reads => &self.db,
+            Pool::Writes => &self.writer,
+            Pool::Relay => &self.relay,
+        };
+        let row = conn
+            .query_one_raw(Statement::from_sql_and_values(
+                self.backend(),
+                "SELECT current_setting($1) AS value",
+                [name.into()],
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("current_setting returned no row".to_owned()))?;
+        Ok(row.try_get("", "value")?)
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.db.ping().await?;
         Ok(())
     }
 
     pub async fn close(self) -> Result<(), StoreError> {
+        if self.sqlite_writer.is_none() {
+            self.writer.close().await?;
+            self.relay.close().await?;
+        }
         self.db.close().await?;
         Ok(())
     }
 
     /// Starts a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken up front
     /// (waiting up to the busy timeout), so another process writing the same file makes us wait instead of failing
-    /// the upgrade from a read transaction half-way.
-    ///
-    /// On PostgreSQL a write transaction finds every row by key, so it plans without sequential scans and hash or
-    /// merge joins. A group's `UPDATE … FROM (VALUES …)` is otherwise planned from statistics, and a prepared
-    /// statement keeps its generic plan for the life of the connection: planned while a table was small (a new
-    /// database, or no ANALYZE since), it scanned the whole table on every flush for good — 6,150 sequential
-    /// scans of `phase_executions` in a 100-second soak, each flush slower than the last. For the same reason a
-    /// write transaction's statements always run their generic plan: a custom plan is made anew at every bind, and
-    /// for a 64-row `UPDATE … FROM (VALUES …)` that planning cost PostgreSQL more than the key lookups it chose
-    /// (bind was 17 % of the statement time in the spine's statement log), for the plan the generic one already is.
+    /// the upgrade from a read transaction half-way. On PostgreSQL it runs on the writer pool (`WRITE_SETTINGS`).
     async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
         if self.sqlite_writer.is_some() {
             return self
-                .db
+                .writer
                 .begin_with_options(TransactionOptions {
                     sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                     ..TransactionOptions::default()
                 })
                 .await;
         }
-        let txn = self.db.begin().await?;
-        if self.backend() == DbBackend::Postgres {
-            txn.execute_unprepared(
-                "SELECT set_config('enable_seqscan', 'off', true), \
-                 set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), \
-                 set_config('plan_cache_mode', 'force_generic_plan', true)",
-            )
-            .await?;
-        }
-        Ok(txn)
+        self.writer.begin().await
     }
 
     /// The coherence signal is up: every other replica's commit will reach `remote_changed` from now on, so

@@ -244,7 +244,7 @@ impl Store {
                 sql,
                 [now.into(), i64::from(limit).into(), lease_until.into()],
             ))
-            .all(&self.db)
+            .all(&self.relay)
             .await?;
         // RETURNING has no order; publishing does.
         claimed.sort_by_key(|m| m.id);
@@ -262,7 +262,7 @@ impl Store {
             .col_expr(event_outbox::Column::PublishedAt, Expr::value(now))
             .filter(event_outbox::Column::Id.is_in(ids.iter().copied()))
             .filter(event_outbox::Column::PublishedAt.is_null())
-            .exec(&self.db)
+            .exec(&self.relay)
             .await?;
         Ok(result.rows_affected)
     }
@@ -280,7 +280,10 @@ impl Store {
         let policy = &self.config.outbox;
         // Compare-and-set on `attempts`, so two relays reporting the same row count one failure each.
         for _ in 0..self.config.max_cas_attempts.max(1) {
-            let Some(row) = event_outbox::Entity::find_by_id(id).one(&self.db).await? else {
+            let Some(row) = event_outbox::Entity::find_by_id(id)
+                .one(&self.relay)
+                .await?
+            else {
                 return Ok(FailureOutcome::Unchanged);
             };
             if row.published_at.is_some() || row.parked {
@@ -303,7 +306,7 @@ impl Store {
                 .filter(event_outbox::Column::Id.eq(id))
                 .filter(event_outbox::Column::Attempts.eq(row.attempts))
                 .filter(event_outbox::Column::PublishedAt.is_null())
-                .exec(&self.db)
+                .exec(&self.relay)
                 .await?;
             if result.rows_affected == 1 {
                 return Ok(if park {
