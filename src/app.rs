@@ -186,7 +186,10 @@ where
     // Units of work from every caller are committed in groups (one transaction, one WAL flush per group).
     let repository: Arc<dyn BatchRepository> = Arc::new(GroupCommitter::start(
         store.clone(),
-        GroupCommitConfig::default(),
+        GroupCommitConfig {
+            lanes: config.commit_lanes,
+            ..GroupCommitConfig::default()
+        },
         observers,
     ));
     let resolver: Arc<dyn PipelineResolver> = match &config.bcs_url {

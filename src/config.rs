@@ -30,6 +30,9 @@ pub const DEFAULT_STATUS_CACHE_MAX_AGE_MS: u64 = 1000;
 const MAX_STATUS_CACHE_MAX_AGE_MS: u64 = 60_000;
 /// Default Kafka consumer group.
 pub const DEFAULT_KAFKA_GROUP: &str = "bos";
+/// Default of `BOS_COMMIT_LANES`: groups of units of work committing at once (see `store::GroupCommitConfig`).
+pub const DEFAULT_COMMIT_LANES: u64 = 8;
+const MAX_COMMIT_LANES: u64 = 64;
 
 const MAX_PHASE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 const MIN_JWT_SECRET_BYTES: usize = 32;
@@ -123,6 +126,8 @@ pub struct ConfigLayer {
     pub retention_hours: Option<u64>,
     /// `BOS_STATUS_CACHE_MAX_AGE_MS`.
     pub status_cache_max_age_ms: Option<u64>,
+    /// `BOS_COMMIT_LANES`.
+    pub commit_lanes: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -177,6 +182,9 @@ impl ConfigLayer {
                         &value,
                     )?);
                 }
+                "BOS_COMMIT_LANES" => {
+                    layer.commit_lanes = Some(whole_number("BOS_COMMIT_LANES", "lanes", &value)?);
+                }
                 _ => {}
             }
         }
@@ -201,7 +209,8 @@ impl ConfigLayer {
             bcs_url,
             phase_timeout_secs,
             retention_hours,
-            status_cache_max_age_ms
+            status_cache_max_age_ms,
+            commit_lanes
         );
         self
     }
@@ -254,6 +263,8 @@ pub struct Config {
     /// How long a status read may be answered from the aggregate cache without a query while the Redis change
     /// subscription is live (`BOS_STATUS_CACHE_MAX_AGE_MS`; zero never, and never without Redis).
     pub status_cache_max_age: Duration,
+    /// Groups of units of work committing at once, each on its own connection (`BOS_COMMIT_LANES`).
+    pub commit_lanes: usize,
 }
 
 impl Config {
@@ -348,6 +359,14 @@ impl Config {
             ));
         }
 
+        let lanes = layer.commit_lanes.unwrap_or(DEFAULT_COMMIT_LANES);
+        if lanes == 0 || lanes > MAX_COMMIT_LANES {
+            return Err(invalid(
+                "BOS_COMMIT_LANES",
+                format!("{lanes} is out of range 1..={MAX_COMMIT_LANES}"),
+            ));
+        }
+
         Ok(Self {
             listen_addr,
             data_dir,
@@ -361,6 +380,7 @@ impl Config {
             phase_timeout: Duration::from_secs(secs),
             retention: Duration::from_secs(hours * 3600),
             status_cache_max_age: Duration::from_millis(max_age_ms),
+            commit_lanes: usize::try_from(lanes).unwrap_or(usize::MAX),
         })
     }
 
@@ -388,6 +408,7 @@ impl fmt::Debug for Config {
             .field("phase_timeout", &self.phase_timeout)
             .field("retention", &self.retention)
             .field("status_cache_max_age", &self.status_cache_max_age)
+            .field("commit_lanes", &self.commit_lanes)
             .finish()
     }
 }

@@ -152,6 +152,25 @@ fn status_cache_max_age_defaults_to_a_second_and_zero_turns_it_off() {
     assert_eq!(off.status_cache_max_age, Duration::ZERO);
 }
 
+#[test]
+fn commit_lanes_default_to_eight_and_must_be_between_one_and_sixty_four() {
+    assert_eq!(Config::from_layer(env(&[])).unwrap().commit_lanes, 8);
+    let two = Config::from_layer(env(&[("BOS_COMMIT_LANES", "2")])).unwrap();
+    assert_eq!(two.commit_lanes, 2);
+    for bad in ["0", "65"] {
+        let error = error_of(&[("BOS_COMMIT_LANES", bad)]);
+        assert!(
+            error.contains("BOS_COMMIT_LANES") && error.contains("out of range"),
+            "{error}"
+        );
+    }
+    let error = error_of(&[("BOS_COMMIT_LANES", "many")]);
+    assert!(
+        error.contains("BOS_COMMIT_LANES") && error.contains("not a whole number"),
+        "{error}"
+    );
+}
+
 fn error_of(pairs: &[(&str, &str)]) -> String {
     let layer = match ConfigLayer::from_env(pairs.iter().map(|(k, v)| (*k, *v))) {
         Ok(layer) => layer,
