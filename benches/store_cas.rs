@@ -54,6 +54,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn open() -> (Store, Option<TestDb>) {
     let config = StoreConfig {
         max_connections: 32,
+        // The tasks write through `Store` itself, not through the lanes of `bos serve`.
+        write_connections: 32,
         ..StoreConfig::default()
     };
     match std::env::var("BOS_BENCH_DATABASE_URL") {

@@ -326,6 +326,7 @@ pub async fn open_store(config: &Config) -> Result<Store, AppError> {
     }
     let store_config = StoreConfig {
         status_cache_max_age: config.status_cache_max_age,
+        write_connections: u32::try_from(config.commit_lanes).unwrap_or(u32::MAX),
         ..StoreConfig::default()
     };
     let store = Store::connect_with(config.database_url.expose(), store_config)

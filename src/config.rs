@@ -263,7 +263,7 @@ pub struct Config {
     /// How long a status read may be answered from the aggregate cache without a query while the Redis change
     /// subscription is live (`BOS_STATUS_CACHE_MAX_AGE_MS`; zero never, and never without Redis).
     pub status_cache_max_age: Duration,
-    /// Groups of units of work committing at once, each on its own connection (`BOS_COMMIT_LANES`).
+    /// Groups of units of work committing at once, each on its own database connection (`BOS_COMMIT_LANES`).
     pub commit_lanes: usize,
 }
 

@@ -79,8 +79,11 @@ pub struct StoreConfig {
     /// Base of the jittered back-off between attempts (doubled per attempt).
     pub cas_backoff: Duration,
     pub outbox: OutboxPolicy,
-    /// Connections in the pool (PostgreSQL; SQLite uses fewer, see `connect`).
+    /// Connections in the pool of reads (PostgreSQL; SQLite uses fewer, see `connect`).
     pub max_connections: u32,
+    /// Connections write transactions run on (PostgreSQL). `bos serve` commits every unit of work through a lane
+    /// of the group committer, one transaction at a time per lane, so it sets one per lane.
+    pub write_connections: u32,
     /// Rows (batch, essays, results, phases) the aggregate cache may hold; 0 turns it off.
     pub aggregate_cache_rows: usize,
     /// How long after it was verified a cached aggregate may answer a status read without a query, while the
@@ -96,6 +99,7 @@ impl Default for StoreConfig {
             cas_backoff: Duration::from_millis(2),
             outbox: OutboxPolicy::default(),
             max_connections: 16,
+            write_connections: 8,
             // About 8 MB: the 2,000 small batches in flight of `bos bench latency` (~21 rows each), or a few dozen
             // 1,000-essay ones. At 20,000 rows those 2,000 batches, touched round-robin, missed on every unit (five
             // SELECTs instead of one; 1,000/s p50 14-34 ms, p99 56-132 ms, against 10-12 ms and 29-31 ms now).
@@ -207,7 +211,9 @@ impl Store {
             // Opened on first use: a store that never writes or relays holds no extra connection.
             options.connect_lazy(true);
             let mut writer_options = options.clone();
-            writer_options.map_sqlx_postgres_opts(|o| o.options(WRITE_SETTINGS.iter().copied()));
+            writer_options
+                .max_connections(config.write_connections.max(1))
+                .map_sqlx_postgres_opts(|o| o.options(WRITE_SETTINGS.iter().copied()));
             let writer = Database::connect(writer_options).await?;
             let mut relay_options = options;
             relay_options
