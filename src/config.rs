@@ -30,8 +30,6 @@ pub const DEFAULT_STATUS_CACHE_MAX_AGE_MS: u64 = 1000;
 const MAX_STATUS_CACHE_MAX_AGE_MS: u64 = 60_000;
 /// Default Kafka consumer group.
 pub const DEFAULT_KAFKA_GROUP: &str = "bos";
-/// Default of `BOS_COMMIT_LANES`: groups of units of work committing at once (see `store::GroupCommitConfig`).
-pub const DEFAULT_COMMIT_LANES: u64 = 8;
 const MAX_COMMIT_LANES: u64 = 64;
 
 const MAX_PHASE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
@@ -359,7 +357,9 @@ impl Config {
             ));
         }
 
-        let lanes = layer.commit_lanes.unwrap_or(DEFAULT_COMMIT_LANES);
+        let lanes = layer
+            .commit_lanes
+            .unwrap_or(u64::from(crate::store::DEFAULT_COMMIT_LANES));
         if lanes == 0 || lanes > MAX_COMMIT_LANES {
             return Err(invalid(
                 "BOS_COMMIT_LANES",

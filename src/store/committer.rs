@@ -22,6 +22,9 @@ use crate::core::ports::{
     UnitOfWork,
 };
 
+/// Lanes unless configured (`BOS_COMMIT_LANES`); the store's write pool has as many connections by default.
+pub const DEFAULT_COMMIT_LANES: u32 = 8;
+
 /// Tunables of the group committer.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
@@ -39,7 +42,7 @@ pub struct GroupCommitConfig {
 impl Default for GroupCommitConfig {
     fn default() -> Self {
         Self {
-            lanes: 8,
+            lanes: DEFAULT_COMMIT_LANES as usize,
             max_units: 64,
         }
     }

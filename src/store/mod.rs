@@ -30,7 +30,7 @@ use sea_orm::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
-pub use committer::{GroupCommitConfig, GroupCommitStats, GroupCommitter};
+pub use committer::{GroupCommitConfig, GroupCommitStats, GroupCommitter, DEFAULT_COMMIT_LANES};
 pub use faults::{FaultPlan, FaultPoint, InjectedFault};
 pub use group::GroupResults;
 pub use outbox::{
@@ -99,7 +99,7 @@ impl Default for StoreConfig {
             cas_backoff: Duration::from_millis(2),
             outbox: OutboxPolicy::default(),
             max_connections: 16,
-            write_connections: 8,
+            write_connections: DEFAULT_COMMIT_LANES,
             // About 8 MB: the 2,000 small batches in flight of `bos bench latency` (~21 rows each), or a few dozen
             // 1,000-essay ones. At 20,000 rows those 2,000 batches, touched round-robin, missed on every unit (five
             // SELECTs instead of one; 1,000/s p50 14-34 ms, p99 56-132 ms, against 10-12 ms and 29-31 ms now).
@@ -145,7 +145,7 @@ pub enum Pool {
     Relay,
 }
 
-/// The repository. Cheap to clone: every clone shares the pool, the encoder and the fault plan.
+/// The repository. Cheap to clone: every clone shares the pools, the encoder and the fault plan.
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
