@@ -6,48 +6,33 @@ mod support;
 use bos::store::Pool;
 use support::TestDb;
 
-async fn setting(store: &bos::store::Store, pool: Pool, name: &str) -> String {
-    store
-        .session_setting(pool, name)
-        .await
-        .unwrap_or_else(|e| panic!("read {name} on {pool:?}: {e}"))
-}
+/// (pool, setting, value its sessions must show).
+const EXPECTED: &[(Pool, &str, &str)] = &[
+    // Reads plan as PostgreSQL would.
+    (Pool::Reads, "enable_seqscan", "on"),
+    (Pool::Reads, "plan_cache_mode", "auto"),
+    (Pool::Reads, "synchronous_commit", "on"),
+    // Writes find every row by key, with generic plans, and their commits are durable before they return.
+    (Pool::Writes, "enable_seqscan", "off"),
+    (Pool::Writes, "enable_hashjoin", "off"),
+    (Pool::Writes, "enable_mergejoin", "off"),
+    (Pool::Writes, "plan_cache_mode", "force_generic_plan"),
+    (Pool::Writes, "synchronous_commit", "on"),
+    // The relay plans like the writes and commits without waiting for the flush.
+    (Pool::Relay, "enable_seqscan", "off"),
+    (Pool::Relay, "synchronous_commit", "off"),
+];
 
 #[tokio::test]
 async fn each_pool_runs_with_its_own_session_settings() {
     let db = TestDb::postgres().await;
     let store = db.store().await;
-
-    // Reads plan as PostgreSQL would.
-    assert_eq!(setting(&store, Pool::Reads, "enable_seqscan").await, "on");
-    assert_eq!(
-        setting(&store, Pool::Reads, "plan_cache_mode").await,
-        "auto"
-    );
-    assert_eq!(
-        setting(&store, Pool::Reads, "synchronous_commit").await,
-        "on"
-    );
-
-    // Writes find every row by key, with generic plans, and their commits are durable before they return.
-    for name in ["enable_seqscan", "enable_hashjoin", "enable_mergejoin"] {
-        assert_eq!(setting(&store, Pool::Writes, name).await, "off", "{name}");
+    for &(pool, name, expected) in EXPECTED {
+        let value = store
+            .session_setting(pool, name)
+            .await
+            .unwrap_or_else(|e| panic!("read {name} on {pool:?}: {e}"));
+        assert_eq!(value, expected, "{name} on {pool:?}");
     }
-    assert_eq!(
-        setting(&store, Pool::Writes, "plan_cache_mode").await,
-        "force_generic_plan"
-    );
-    assert_eq!(
-        setting(&store, Pool::Writes, "synchronous_commit").await,
-        "on"
-    );
-
-    // The relay plans like the writes and commits without waiting for the flush.
-    assert_eq!(setting(&store, Pool::Relay, "enable_seqscan").await, "off");
-    assert_eq!(
-        setting(&store, Pool::Relay, "synchronous_commit").await,
-        "off"
-    );
-
     store.close().await.expect("close");
 }
