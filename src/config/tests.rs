@@ -153,10 +153,10 @@ fn status_cache_max_age_defaults_to_a_second_and_zero_turns_it_off() {
 }
 
 #[test]
-fn commit_lanes_default_to_eight_and_must_be_between_one_and_sixty_four() {
-    assert_eq!(Config::from_layer(env(&[])).unwrap().commit_lanes, 8);
-    let two = Config::from_layer(env(&[("BOS_COMMIT_LANES", "2")])).unwrap();
-    assert_eq!(two.commit_lanes, 2);
+fn commit_lanes_default_to_two_and_must_be_between_one_and_sixty_four() {
+    assert_eq!(Config::from_layer(env(&[])).unwrap().commit_lanes, 2);
+    let eight = Config::from_layer(env(&[("BOS_COMMIT_LANES", "8")])).unwrap();
+    assert_eq!(eight.commit_lanes, 8);
     for bad in ["0", "65"] {
         let error = error_of(&[("BOS_COMMIT_LANES", bad)]);
         assert!(

@@ -22,18 +22,20 @@ use crate::core::ports::{
     UnitOfWork,
 };
 
-/// Lanes unless configured (`BOS_COMMIT_LANES`); the store's write pool has as many connections by default.
-pub const DEFAULT_COMMIT_LANES: u32 = 8;
+/// Lanes unless configured (`BOS_COMMIT_LANES`); the store's write pool has as many connections by default. Two
+/// measured best on both machines of BENCHMARKS.md's last two sessions (change 24).
+pub const DEFAULT_COMMIT_LANES: u32 = 2;
 
 /// Tunables of the group committer.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
     /// Groups committing at once (each on its own connection). More lanes: smaller groups, shorter waits behind a
-    /// group in progress (`bos bench latency` at 1,000/s: p50 33 ms with 4 lanes, 16 ms with 8; with 16, p50 14-17
-    /// ms and a worse p99, the extra commits costing more CPU than the shorter waits save). The balance depends on
-    /// the machine: on a 2-CPU machine with costly context switches one lane cut PostgreSQL's CPU per transition
-    /// at 1,000/s from 1.05 to 0.63 ms, yet topped out at 930-980/s, its groups committing one after the other.
-    /// `BOS_COMMIT_LANES` sets it.
+    /// group in progress; fewer: larger groups, less database CPU per transition. On a 2-CPU machine running BOS,
+    /// PostgreSQL and the load generator, the CPU decides: `bos bench latency` at 1,000/s gave a p50 of 8.0-8.5 ms
+    /// with 2 lanes, 9.0-10.1 ms with 4 and 11.9-12.9 ms with 8 (PostgreSQL 0.71-0.74 against 0.88-0.96 ms per
+    /// transition), and the burst of `bos bench transitions` 0.79-0.82 of the raw compare-and-set rate with 2
+    /// against 0.61-0.73 with 8. One lane cut the CPU further but its groups commit one after the other: on a
+    /// slower machine it topped out at 930-980/s. `BOS_COMMIT_LANES` sets it.
     pub lanes: usize,
     /// Most units in one group.
     pub max_units: usize,
