@@ -437,3 +437,7 @@ fn run_status_to_proto(status: RunStatus) -> pc::PipelineRunStatus {
 #[cfg(test)]
 #[path = "codec_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "codec_decode_tests.rs"]
+mod decode_tests;
