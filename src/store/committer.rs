@@ -23,7 +23,8 @@ use crate::core::ports::{
 };
 
 /// Lanes unless configured (`BOS_COMMIT_LANES`); the store's write pool has as many connections by default. Two
-/// measured best on both machines of BENCHMARKS.md's last two sessions (change 24).
+/// did best of 1, 2, 4 and 8 on the sixth session's machine and no worse than eight on the slower fifth-session
+/// one (BENCHMARKS.md, changes 21 and 24).
 pub const DEFAULT_COMMIT_LANES: u32 = 2;
 
 /// Tunables of the group committer.
