@@ -22,21 +22,17 @@ use crate::core::ports::{
     UnitOfWork,
 };
 
-/// Lanes unless configured (`BOS_COMMIT_LANES`); the store's write pool has as many connections by default. Two
-/// did best of 1, 2, 4 and 8 on the sixth session's machine and no worse than eight on the slower fifth-session
-/// one (BENCHMARKS.md, changes 21 and 24).
+/// Lanes unless configured (`BOS_COMMIT_LANES`); the store's write pool has as many connections by default. Two,
+/// as where BOS shares a few CPUs with PostgreSQL the CPU decides: fewer lanes make larger groups and less database
+/// work per transition, and two kept up with 1,000 transitions/s where one did not (BENCHMARKS.md, changes 21, 24).
 pub const DEFAULT_COMMIT_LANES: u32 = 2;
 
 /// Tunables of the group committer.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
     /// Groups committing at once (each on its own connection). More lanes: smaller groups, shorter waits behind a
-    /// group in progress; fewer: larger groups, less database CPU per transition. On a 2-CPU machine running BOS,
-    /// PostgreSQL and the load generator, the CPU decides: `bos bench latency` at 1,000/s gave a p50 of 8.0-8.5 ms
-    /// with 2 lanes, 9.0-10.1 ms with 4 and 11.9-12.9 ms with 8 (PostgreSQL 0.71-0.74 against 0.88-0.96 ms per
-    /// transition), and the burst of `bos bench transitions` 0.79-0.82 of the raw compare-and-set rate with 2
-    /// against 0.61-0.73 with 8. One lane cut the CPU further but its groups commit one after the other: on a
-    /// slower machine it topped out at 930-980/s. `BOS_COMMIT_LANES` sets it.
+    /// group in progress; fewer: larger groups, less database CPU per transition. The balance is the machine's
+    /// (`bos bench latency` with `BOS_COMMIT_LANES` set per run; figures in BENCHMARKS.md).
     pub lanes: usize,
     /// Most units in one group.
     pub max_units: usize,
